@@ -1,0 +1,13 @@
+"""encdec: the encoder-decoder Transformer for sequence-to-sequence work."""
+from .attention import MultiHeadAttention, padding_mask, subsequent_mask
+from .config import ConfigError, ModelConfig
+from .embeddings import Embeddings, PositionalEncoding
+from .layers import DecoderLayer, EncoderLayer, FeedForward
+from .model import Decoder, Encoder, Transformer, build_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "ConfigError", "Decoder", "DecoderLayer", "Embeddings", "Encoder", "EncoderLayer", "FeedForward",
+    "ModelConfig", "MultiHeadAttention", "PositionalEncoding", "Transformer", "build_model",
+    "padding_mask", "subsequent_mask",
+]

@@ -1,0 +1,139 @@
+"""Multi-head attention, the masks it takes, and the key/value cache for decoding.
+
+Mask convention everywhere: a boolean tensor broadcastable to
+``(batch, heads, query_len, key_len)`` where ``True`` means "may attend".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """Keys that are real tokens: ``(batch, len)`` ids -> ``(batch, 1, 1, len)`` bool."""
+    return (tokens != pad_id)[:, None, None, :]
+
+
+def subsequent_mask(size: int, past: int = 0, device: torch.device | None = None) -> Tensor:
+    """Causal (look-ahead) mask: query ``i`` sees keys ``<= past + i``.
+
+    Returns ``(1, 1, size, past + size)`` bool; ``past`` is the number of cached
+    positions before the ``size`` new queries (0 for full-sequence decoding).
+    """
+    ones = torch.ones(size, past + size, dtype=torch.bool, device=device)
+    return ones.tril(past)[None, None]
+
+
+class KVCache:
+    """Keys and values of one attention sub-layer, kept between decoding steps.
+
+    Self-attention grows by one step at a time (:meth:`append`); encoder-decoder
+    attention fills it once per source sentence and then only reads it. Tensors
+    are ``(batch, heads, len, head_dim)``.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search reordering and pruning)."""
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over ``heads`` subspaces of ``d_model``.
+
+    ``in_proj`` holds the query, key and value projections stacked as
+    ``[W_Q; W_K; W_V]`` (``(3 * d_model, d_model)``) so self-attention projects all
+    three in one matrix product; encoder-decoder attention uses the first block on
+    the decoder states and the other two on the encoder output. ``out_proj`` maps
+    the concatenated heads back to ``d_model``.
+
+    Set ``record_weights = True`` to keep the last attention weights in
+    ``self.weights`` (``(batch, heads, query_len, key_len)``) for plots; the fast
+    path (``F.scaled_dot_product_attention``) is used otherwise.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        self.d_model, self.heads, self.head_dim = d_model, heads, d_model // heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.record_weights = False
+        self.weights: Tensor | None = None
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """``(batch, len, d_model)`` -> ``(batch, heads, len, head_dim)``."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def project_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``memory`` ``(batch, src_len, d_model)``, each ``(batch, heads, src_len, head_dim)``."""
+        d = self.d_model
+        kv = F.linear(memory, self.in_proj.weight[d:], self.in_proj.bias[d:])
+        k, v = kv.split(d, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """Attend from ``x`` to itself (``memory=None``) or to ``memory``.
+
+        Args:
+            x: queries' source, ``(batch, tgt_len, d_model)``.
+            memory: encoder output ``(batch, src_len, d_model)`` for encoder-decoder
+                attention; ``None`` for self-attention.
+            mask: bool, broadcastable to ``(batch, heads, tgt_len, key_len)``.
+            cache: for incremental decoding. Self-attention appends this step's keys
+                and values to it; encoder-decoder attention computes them from
+                ``memory`` on the first call and reuses them afterwards.
+        Returns:
+            ``(batch, tgt_len, d_model)``.
+        """
+        d = self.d_model
+        if memory is None:
+            q, k, v = (self._split_heads(t) for t in self.in_proj(x).split(d, dim=-1))
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            q = self._split_heads(F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d]))
+            if cache is None:
+                k, v = self.project_keys_values(memory)
+            else:
+                if cache.k is None:
+                    cache.append(*self.project_keys_values(memory))
+                k, v = cache.k, cache.v
+        dropout = self.dropout if self.training else 0.0
+        if self.record_weights:
+            out = self._attention_with_weights(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def _attention_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                                dropout: float) -> Tensor:
+        """softmax(Q K^T / sqrt(d_k)) V, written out so the weights can be kept."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        self.weights = weights.detach()
+        return F.dropout(weights, dropout, training=dropout > 0) @ v

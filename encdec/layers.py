@@ -1,0 +1,88 @@
+"""The position-wise feed-forward network and the encoder and decoder layers."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, MultiHeadAttention
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
+
+
+class FeedForward(nn.Module):
+    """``FFN(x) = W_2 act(W_1 x + b_1) + b_2`` applied to each position: ``(..., d_model) -> (..., d_model)``."""
+
+    def __init__(self, d_model: int, ff: int, activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, ff)
+        self.w_2 = nn.Linear(ff, d_model)
+        self.activation = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_2(self.dropout(self.activation(self.w_1(x))))
+
+
+class SublayerConnection(nn.Module):
+    """A residual connection around a sub-layer, with layer norm and dropout.
+
+    Post-norm (the paper): ``LayerNorm(x + Dropout(sublayer(x)))``.
+    Pre-norm: ``x + Dropout(sublayer(LayerNorm(x)))``, which trains deep stacks more stably.
+    """
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each wrapped in a :class:`SublayerConnection`."""
+
+    def __init__(self, d_model: int, heads: int, ff: int, dropout: float = 0.1, attention_dropout: float = 0.0,
+                 activation: str = "relu", activation_dropout: float = 0.0, pre_norm: bool = False,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.feed_forward = FeedForward(d_model, ff, activation, activation_dropout)
+        self.sublayers = nn.ModuleList(SublayerConnection(d_model, dropout, pre_norm, eps) for _ in range(2))
+
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        """``x``: ``(batch, src_len, d_model)``; ``src_mask``: ``(batch, 1, 1, src_len)``."""
+        x = self.sublayers[0](x, lambda y: self.self_attn(y, mask=src_mask))
+        return self.sublayers[1](x, self.feed_forward)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, encoder-decoder attention, then feed-forward.
+
+    The encoder-decoder attention's queries come from the decoder; its keys and
+    values from ``memory``, the encoder's last-layer output.
+    """
+
+    def __init__(self, d_model: int, heads: int, ff: int, dropout: float = 0.1, attention_dropout: float = 0.0,
+                 activation: str = "relu", activation_dropout: float = 0.0, pre_norm: bool = False,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.feed_forward = FeedForward(d_model, ff, activation, activation_dropout)
+        self.sublayers = nn.ModuleList(SublayerConnection(d_model, dropout, pre_norm, eps) for _ in range(3))
+
+    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor | None, tgt_mask: Tensor | None,
+                self_cache: KVCache | None = None, cross_cache: KVCache | None = None) -> Tensor:
+        """``x``: ``(batch, tgt_len, d_model)``; ``memory``: ``(batch, src_len, d_model)``.
+
+        ``src_mask``: ``(batch, 1, 1, src_len)``; ``tgt_mask``: ``(batch or 1, 1, tgt_len, past + tgt_len)``.
+        """
+        x = self.sublayers[0](x, lambda y: self.self_attn(y, mask=tgt_mask, cache=self_cache))
+        x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, mask=src_mask, cache=cross_cache))
+        return self.sublayers[2](x, self.feed_forward)

@@ -1,0 +1,163 @@
+"""The encoder-decoder Transformer: encoder and decoder stacks, output layer, factory.
+
+Shapes: ``src`` ``(batch, src_len)`` and ``tgt`` ``(batch, tgt_len)`` token ids;
+hidden states ``(batch, len, d_model)``; outputs ``(batch, tgt_len, tgt_vocab)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, MultiHeadAttention, padding_mask, subsequent_mask
+from .config import ModelConfig
+from .embeddings import Embeddings, PositionalEncoding
+from .layers import DecoderLayer, EncoderLayer
+
+
+def _layer_options(cfg: ModelConfig) -> dict:
+    return dict(d_model=cfg.d_model, heads=cfg.heads, ff=cfg.ff, dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout, activation=cfg.activation,
+                activation_dropout=cfg.activation_dropout, pre_norm=cfg.norm == "pre", eps=cfg.layer_norm_eps)
+
+
+class Encoder(nn.Module):
+    """A stack of ``cfg.encoder_layers`` identical :class:`EncoderLayer` (plus a final norm for pre-norm)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**_layer_options(cfg)) for _ in range(cfg.encoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        """``(batch, src_len, d_model)`` embedded source -> ``(batch, src_len, d_model)`` memory."""
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return self.norm(x)
+
+
+class DecoderCache:
+    """Everything incremental decoding keeps between steps, per decoder layer:
+    the growing self-attention keys/values and the encoder-decoder keys/values,
+    which are computed from the encoder output once per source sentence."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.self_attn = [KVCache() for _ in range(num_layers)]
+        self.cross_attn = [KVCache() for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        """Number of target positions decoded so far."""
+        return len(self.self_attn[0])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep (and repeat) batch rows ``index``, e.g. the surviving beams."""
+        for cache in self.self_attn + self.cross_attn:
+            cache.reorder(index)
+
+
+class Decoder(nn.Module):
+    """A stack of ``cfg.decoder_layers`` identical :class:`DecoderLayer` (plus a final norm for pre-norm)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(**_layer_options(cfg)) for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor | None, tgt_mask: Tensor | None,
+                cache: DecoderCache | None = None) -> Tensor:
+        """``(batch, tgt_len, d_model)`` embedded target -> ``(batch, tgt_len, d_model)``."""
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x = layer(x, memory, src_mask, tgt_mask)
+            else:
+                x = layer(x, memory, src_mask, tgt_mask, cache.self_attn[i], cache.cross_attn[i])
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """Embeddings + positional encoding, :class:`Encoder`, :class:`Decoder` and the output layer.
+
+    ``forward(src, tgt_in)`` returns log-probabilities ``(batch, tgt_len, tgt_vocab)``
+    of the next target token at each position (teacher forcing). Decoding uses the
+    parts: :meth:`encode` once, then :meth:`decode` step by step with a
+    :class:`DecoderCache`, and :meth:`project` for the logits.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        scale = cfg.scale_embeddings
+        self.src_embed = Embeddings(cfg.src_vocab_size, cfg.d_model, cfg.pad_id, scale)
+        self.tgt_embed = self.src_embed if cfg.share_embeddings else Embeddings(
+            cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id, scale)
+        self.src_pos = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positional, cfg.sinusoid_layout)
+        self.tgt_pos = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positional, cfg.sinusoid_layout)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
+        self._init_weights()
+        if cfg.tie_output:
+            self.output.weight = self.tgt_embed.weight
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """``src`` ``(batch, src_len)`` -> memory ``(batch, src_len, d_model)``."""
+        if src_mask is None:
+            src_mask = padding_mask(src, self.cfg.pad_id)
+        return self.encoder(self.src_pos(self.src_embed(src)), src_mask)
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None,
+               cache: DecoderCache | None = None) -> Tensor:
+        """Decoder states for target tokens ``tgt`` ``(batch, tgt_len)`` -> ``(batch, tgt_len, d_model)``.
+
+        Without a cache, ``tgt`` is the whole target prefix, right-padded. The
+        causal mask alone is the padding mask here: every pad comes after the
+        real tokens of its row, so no real position can see one (and pad
+        positions' outputs are never used). Masking pads by id would be wrong
+        for Marian, whose start token *is* <pad>.
+
+        With a cache, ``tgt`` holds only the new tokens (usually one per row)
+        and attends to the cached positions before them.
+        """
+        past = len(cache) if cache is not None else 0
+        tgt_len = tgt.size(1)
+        # One new query may see every cached position: no mask needed.
+        tgt_mask = subsequent_mask(tgt_len, past, device=tgt.device) if tgt_len > 1 else None
+        x = self.tgt_pos(self.tgt_embed(tgt), offset=past)
+        return self.decoder(x, memory, src_mask, tgt_mask, cache)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Decoder states ``(..., d_model)`` -> logits ``(..., tgt_vocab)``."""
+        return self.output(hidden)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced log-probabilities ``(batch, tgt_len, tgt_vocab)``."""
+        src_mask = padding_mask(src, self.cfg.pad_id)
+        memory = self.encode(src, src_mask)
+        return F.log_softmax(self.project(self.decode(tgt_in, memory, src_mask)), dim=-1)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(len(self.decoder.layers))
+
+    def record_attention(self, on: bool = True) -> None:
+        """Keep every attention layer's weights (``layer.self_attn.weights`` etc.) for plots."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.record_weights = on
+                module.weights = None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
+    """The one factory: a freshly initialised :class:`Transformer` for ``cfg``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Transformer(cfg)

@@ -1,0 +1,145 @@
+"""Decoding: greedy and beam search, batched, on the key/value cache.
+
+Both encode the source once, then extend every hypothesis one token per step with
+:meth:`Transformer.decode` on a :class:`DecoderCache`. Sentences (and beams) that
+have finished are dropped from the batch so later steps only pay for live ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import padding_mask
+from .model import DecoderCache, Transformer
+
+
+@dataclass
+class Hypothesis:
+    """One output: token ids (no start or end token) and its length-normalised log-probability."""
+
+    tokens: list[int]
+    score: float
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's ``((5 + length) / 6) ** alpha`` (Wu et al. 2016); ``alpha=0`` turns it off."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_steps(src: Tensor, model: Transformer, max_len_ratio: float, max_len_extra: int) -> Tensor:
+    """Per sentence, the most target tokens (end token included) to generate: ``(batch,)``.
+
+    ``ratio * source length + extra``, capped by the model's ``max_len``.
+    """
+    src_len = (src != model.cfg.pad_id).sum(1)
+    steps = (src_len.float() * max_len_ratio).ceil().long() + max_len_extra
+    return steps.clamp(1, model.cfg.max_len - 1)
+
+
+class _Step:
+    """The encoder output, source mask and cache of the live rows, and one decoding step."""
+
+    def __init__(self, model: Transformer, src: Tensor, repeat: int) -> None:
+        self.model = model
+        src_mask = padding_mask(src, model.cfg.pad_id)
+        memory = model.encode(src, src_mask)
+        self.memory = memory.repeat_interleave(repeat, dim=0)
+        self.src_mask = src_mask.repeat_interleave(repeat, dim=0)
+        self.cache: DecoderCache = model.new_cache()
+
+    def log_probs(self, last: Tensor) -> Tensor:
+        """Next-token log-probabilities ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
+        hidden = self.model.decode(last[:, None], self.memory, self.src_mask, self.cache)
+        return F.log_softmax(self.model.project(hidden[:, -1]).float(), dim=-1)
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep (reorder, repeat) the given rows of everything held per row."""
+        self.memory = self.memory.index_select(0, rows)
+        self.src_mask = self.src_mask.index_select(0, rows)
+        self.cache.reorder(rows)
+
+
+@torch.inference_mode()
+def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
+                  max_len_extra: int = 10) -> list[list[int]]:
+    """The most probable next token at each step. ``src`` ``(batch, src_len)`` -> token ids per sentence."""
+    cfg = model.cfg
+    limit = max_steps(src, model, max_len_ratio, max_len_extra)
+    step = _Step(model, src, repeat=1)
+    alive = torch.arange(src.size(0))  # which sentence each live row is
+    last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long)
+    outputs: list[list[int]] = [[] for _ in range(src.size(0))]
+    for t in range(1, int(limit.max()) + 1):
+        last = step.log_probs(last).argmax(-1)
+        # The length limit counts the end token, as in beam search.
+        done = (last == cfg.eos_id) | (limit[alive] <= t)
+        for row in (~done).nonzero().squeeze(1).tolist():
+            outputs[int(alive[row])].append(int(last[row]))
+        if done.all():
+            break
+        if done.any():
+            rows = (~done).nonzero().squeeze(1)
+            step.keep(rows)
+            alive, last = alive[rows], last[rows]
+    return outputs
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: float = 1.0,
+                max_len_ratio: float = 2.0, max_len_extra: int = 10, n_best: int = 1) -> list[list[Hypothesis]]:
+    """Beam search with GNMT length penalty ``alpha``, batched over sentences and beams.
+
+    Each step scores ``beam_size * vocab`` continuations per sentence and looks at the
+    best ``2 * beam_size``: those ending in the end token among the top ``beam_size``
+    are finished (score divided by :func:`length_penalty`), the best ``beam_size``
+    others go on. A sentence is done once it has ``beam_size`` finished hypotheses,
+    or at its length limit, where every live beam is ended.
+
+    Returns, per sentence, the ``n_best`` hypotheses, best first.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    cfg, k = model.cfg, beam_size
+    limit = max_steps(src, model, max_len_ratio, max_len_extra)
+    step = _Step(model, src, repeat=k)
+    batch = src.size(0)
+    alive = torch.arange(batch)
+    tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long)
+    scores = torch.full((batch, k), float("-inf"))
+    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    for t in range(1, int(limit.max()) + 1):
+        n = alive.numel()
+        log_probs = step.log_probs(tokens[:, -1])
+        vocab = log_probs.size(-1)
+        at_limit = (limit[alive] <= t).repeat_interleave(k)
+        if at_limit.any():  # force the end token where the length limit is reached
+            forced = torch.full_like(log_probs[0], float("-inf"))
+            forced[cfg.eos_id] = 0.0
+            log_probs[at_limit] = forced + log_probs[at_limit, cfg.eos_id : cfg.eos_id + 1]
+        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        is_eos = top_token == cfg.eos_id
+        penalty = length_penalty(t, alpha)
+        for i, j in (is_eos[:, :k] & top_scores[:, :k].isfinite()).nonzero().tolist():
+            sentence = int(alive[i])
+            if len(finished[sentence]) < k:
+                row = i * k + int(top_beam[i, j])
+                finished[sentence].append(Hypothesis(tokens[row, 1:].tolist(), float(top_scores[i, j]) / penalty))
+        # The best k candidates that do not end go on, for the sentences not yet done.
+        go_scores, go_rank = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
+        rows = torch.arange(n)[:, None] * k + top_beam.gather(1, go_rank)
+        next_token = top_token.gather(1, go_rank)
+        done = torch.tensor([len(finished[s]) >= k for s in alive.tolist()]) | (limit[alive] <= t)
+        if done.all():
+            break
+        keep = (~done).nonzero().squeeze(1)
+        rows = rows[keep].view(-1)
+        tokens = torch.cat([tokens[rows], next_token[keep].view(-1, 1)], dim=1)
+        scores, alive = go_scores[keep], alive[keep]
+        step.keep(rows)
+    return [sorted(h, key=lambda h: -h.score)[:n_best] for h in finished]

@@ -1,0 +1,77 @@
+"""MultiHeadAttention and the masks: shapes, the two code paths, and torch.nn equality."""
+import torch
+from torch import nn
+
+from encdec.attention import KVCache, MultiHeadAttention, padding_mask, subsequent_mask
+
+
+def test_masks_shapes_and_values():
+    tokens = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    assert padding_mask(tokens, 0).tolist() == [[[[True, True, False]]], [[[True, False, False]]]]
+    causal = subsequent_mask(3)
+    assert causal.shape == (1, 1, 3, 3)
+    assert causal[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # with 2 cached positions, the 2 new queries see the past and themselves only
+    assert subsequent_mask(2, past=2)[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_shapes_self_and_cross():
+    attn = MultiHeadAttention(16, 4).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    assert attn(x).shape == (2, 5, 16)
+    assert attn(x, memory).shape == (2, 5, 16)
+    assert attn(x).dtype == torch.float32
+
+
+def test_fast_path_equals_explicit_softmax_and_weights_are_distributions():
+    attn = MultiHeadAttention(16, 4).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    mask = padding_mask(torch.tensor([[1] * 9, [1] * 6 + [0] * 3]), 0)
+    fast = attn(x, memory, mask)
+    attn.record_weights = True
+    slow = attn(x, memory, mask)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    w = attn.weights
+    assert w.shape == (2, 4, 5, 9)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 5))
+    assert torch.all(w[1, :, :, 6:] == 0), "padded keys must get zero weight"
+
+
+def _copy_from_torch(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
+    with torch.no_grad():
+        ours.in_proj.weight.copy_(theirs.in_proj_weight)
+        ours.in_proj.bias.copy_(theirs.in_proj_bias)
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+        ours.out_proj.bias.copy_(theirs.out_proj.bias)
+
+
+def test_equals_torch_multihead_attention_with_padding_and_causal_masks():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    ours = MultiHeadAttention(16, 4).eval()
+    _copy_from_torch(ours, theirs)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    keep = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()
+    # encoder-decoder attention with key padding
+    expected, _ = theirs(x, memory, memory, key_padding_mask=~keep, need_weights=False)
+    torch.testing.assert_close(ours(x, memory, keep[:, None, None, :]), expected, atol=1e-5, rtol=1e-5)
+    # causal self-attention
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    expected, _ = theirs(x, x, x, attn_mask=causal, need_weights=False)
+    torch.testing.assert_close(ours(x, mask=subsequent_mask(5)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_cache_computes_keys_once_and_self_cache_grows():
+    attn = MultiHeadAttention(16, 4).eval()
+    memory = torch.randn(2, 7, 16)
+    cache = KVCache()
+    attn(torch.randn(2, 1, 16), memory, cache=cache)
+    k = cache.k
+    attn(torch.randn(2, 1, 16), torch.zeros_like(memory), cache=cache)
+    assert cache.k is k, "encoder-decoder keys must be computed once and reused"
+    self_cache = KVCache()
+    for step in range(3):
+        attn(torch.randn(2, 1, 16), cache=self_cache)
+        assert len(self_cache) == step + 1
+    self_cache.reorder(torch.tensor([1, 1]))
+    torch.testing.assert_close(self_cache.k[0], self_cache.k[1])
