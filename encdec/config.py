@@ -10,7 +10,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -106,53 +109,184 @@ class ModelConfig:
         return self.d_model // self.heads
 
 
+@dataclass
+class TokenizerConfig:
+    """How to build a tokenizer: ``kind`` is sentencepiece (subwords), char or symbol (whitespace-separated)."""
+
+    kind: str = "sentencepiece"
+    vocab_size: int = 8000
+    model_type: str = "unigram"
+    character_coverage: float = 1.0
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("data.tokenizer", "kind", self.kind, ("sentencepiece", "char", "symbol"))
+        _check_choice("data.tokenizer", "model_type", self.model_type, ("unigram", "bpe"))
+        _check_positive("data.tokenizer", self, "vocab_size", "min_count")
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel text is and how it becomes token ids.
+
+    ``train``/``dev`` are either a TSV file (two columns) or a pair of files
+    ``[source, target]`` with one segment per line.
+    """
+
+    train: list | str = ""
+    dev: list | str = ""
+    src_tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    tgt_tokenizer: TokenizerConfig | None = None  # None: same settings as the source
+    shared_vocab: bool = False  # one tokenizer trained on both sides (needed to share embeddings)
+    max_len: int = 256  # longer training pairs are dropped (and counted)
+
+    def __post_init__(self) -> None:
+        for name in ("train", "dev"):
+            value = getattr(self, name)
+            if not value:
+                raise ConfigError(f"data.{name}: required; give a TSV path or [source_file, target_file]")
+            if isinstance(value, list) and len(value) != 2:
+                raise ConfigError(f"data.{name}: expected a TSV path or [source_file, target_file], got {value!r}")
+        _check_positive("data", self, "max_len")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: Adam with warmup and inverse-square-root decay, label smoothing, clipping."""
+
+    max_tokens: int = 4096  # per batch, padding included, summed over ranks
+    accumulate: int = 1  # batches per optimizer step
+    lr: float = 7e-4  # peak learning rate, reached after `warmup` steps
+    warmup: int = 4000
+    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0  # 0 turns clipping off
+    max_steps: int = 100000
+    max_epochs: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    seed: int = 1
+    validate_every: int = 1000
+    metric: str = "bleu"
+    patience: int = 0  # stop after this many validations without improvement; 0: never
+    keep_checkpoints: int = 5  # step checkpoints kept for averaging
+    beam: int = 1  # beam size for validation decoding
+    log_every: int = 50
+    device: str = "auto"
+    threads: int = 0  # torch threads on CPU; 0: all cores
+    precision: str = "fp32"  # or bf16 (autocast)
+
+    METRICS = ("bleu", "chrf", "wer", "per", "exact", "loss")
+
+    def __post_init__(self) -> None:
+        _check_positive("train", self, "max_tokens", "accumulate", "lr", "max_steps", "validate_every", "log_every",
+                        "beam", "keep_checkpoints")
+        _check_choice("train", "metric", self.metric, self.METRICS)
+        _check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        _check_probability("train", self, "label_smoothing")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas: expected two numbers like [0.9, 0.98], got {self.betas!r}")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in ("bleu", "chrf", "exact")
+
+
+@dataclass
+class RunConfig:
+    """One training run: the data, the model shape (vocabulary sizes come from the tokenizers), the training."""
+
+    data: DataConfig
+    model: dict = dataclasses.field(default_factory=dict)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # Validate the model section now (with stand-in vocabulary sizes) so typos fail before any work.
+        self.model_config(100, 100)
+
+    def model_config(self, src_vocab_size: int, tgt_vocab_size: int) -> ModelConfig:
+        if "src_vocab_size" in self.model or "tgt_vocab_size" in self.model:
+            raise ConfigError("model.src_vocab_size: set by the tokenizers; remove it from the config")
+        return from_dict(ModelConfig, {**self.model, "src_vocab_size": src_vocab_size,
+                                       "tgt_vocab_size": tgt_vocab_size}, section="model")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(RunConfig, data)
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a simple type hint (int, float, bool, str, X | None, dataclass)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a simple type hint (int, float, bool, str, list, dict, dataclass, unions)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(name, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{section}.{name}: expected a mapping, got {type(value).__name__}")
-        return from_dict(hint, value, section=f"{section}.{name}")
-    if typing.get_origin(hint) in (list, tuple) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{section}.{name}: expected a list, got {value!r}")
-        return list(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a mapping of options, got {value!r}")
+        return from_dict(hint, value, section=name)
+    expected = {list: (list, tuple), dict: (dict,), str: (str,), bool: (bool,)}.get(hint)
+    if expected and not isinstance(value, expected):
+        raise ConfigError(f"{name}: expected a {hint.__name__}, got {value!r}")
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is int and not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
         return float(value)
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{section}.{name}: expected true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{section}.{name}: expected an integer, got {value!r}")
-    if hint in (float, str) and not isinstance(value, hint):
-        raise ConfigError(f"{section}.{name}: expected a {hint.__name__}, got {value!r}")
-    return value
+    return list(value) if hint is list else value
 
 
-def from_dict(cls: type, data: dict[str, Any], section: str | None = None):
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    section = section or cls.__name__.removesuffix("Config").lower()
+def from_dict(cls: type, data: dict[str, Any], section: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    ``section`` prefixes the key names in error messages (e.g. ``train``).
+    """
+    prefix = f"{section}." if section else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"{section}: expected a mapping of options, got {type(data).__name__}")
+        raise ConfigError(f"{section or 'config'}: expected a mapping of options, got {data!r}")
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown option; allowed options are {', '.join(names)}")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown option; allowed: {', '.join(names)}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{section}.{missing[0]}: required option is missing")
-    values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
-    return cls(**values)
+        raise ConfigError(f"{prefix}{missing[0]}: required option is missing")
+    return cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -160,4 +294,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-__all__ = ["ConfigError", "ModelConfig", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TokenizerConfig", "TrainConfig",
+           "from_dict", "load_config", "to_dict"]

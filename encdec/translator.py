@@ -1,0 +1,102 @@
+"""Text in, text out: a model with its tokenizers, batching and decoding options.
+
+>>> import encdec
+>>> model = encdec.load("runs/quickstart/best")
+>>> model.translate(["42"], beam=5)
+['forty-two']
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model_folder
+from .model import Transformer
+from .search import Hypothesis, beam_search, greedy_search
+from .tokenizer import Tokenizer
+
+
+class InputError(ValueError):
+    """An input segment cannot be translated as given (one-line message)."""
+
+
+class Translator:
+    """A trained :class:`Transformer` with its source and target tokenizers."""
+
+    def __init__(self, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer) -> None:
+        self.model, self.src_tok, self.tgt_tok = model.eval(), src_tok, tgt_tok
+        self.device = next(model.parameters()).device
+
+    def encode(self, sentences: list[str], on_unknown: str = "warn") -> list[list[int]]:
+        """Source ids per sentence, end token included.
+
+        Over-long inputs raise :class:`InputError`. Unknown symbols become <unk>
+        and, with ``on_unknown="warn"``, are reported once on stderr
+        (``"error"`` raises instead, ``"ignore"`` says nothing).
+        """
+        limit = self.model.cfg.max_len - 1
+        encoded, unknown = [], set()
+        for n, sentence in enumerate(sentences, 1):
+            if on_unknown != "ignore":
+                unknown |= self.src_tok.unknown_symbols(sentence)
+            ids = self.src_tok.encode(sentence) + [self.model.cfg.eos_id]
+            if len(ids) > limit:
+                raise InputError(f"input {n} has {len(ids)} tokens but the model takes at most {limit}; "
+                                 "split it into shorter segments")
+            encoded.append(ids)
+        if unknown:
+            message = f"unknown symbols mapped to <unk>: {' '.join(sorted(unknown)[:20])}"
+            if on_unknown == "error":
+                raise InputError(message)
+            print(f"warning: {message}", file=sys.stderr)
+        return encoded
+
+    def translate(self, sentences: list[str], beam: int = 1, alpha: float = 1.0, max_len_ratio: float = 2.0,
+                  max_len_extra: int = 10, batch_tokens: int = 8000, on_unknown: str = "warn") -> list[str]:
+        """The best output for each input sentence (greedy when ``beam == 1``)."""
+        nbest = self.translate_nbest(sentences, beam, alpha, max_len_ratio, max_len_extra, 1, batch_tokens, on_unknown)
+        return [hyps[0][0] for hyps in nbest]
+
+    def translate_nbest(self, sentences: list[str], beam: int = 5, alpha: float = 1.0, max_len_ratio: float = 2.0,
+                        max_len_extra: int = 10, n_best: int = 1, batch_tokens: int = 8000,
+                        on_unknown: str = "warn") -> list[list[tuple[str, float]]]:
+        """The ``n_best`` outputs and their scores for each sentence, best first.
+
+        Sentences are sorted by length and decoded in batches of about
+        ``batch_tokens`` source tokens (times the beam), then put back in order.
+        """
+        encoded = self.encode(sentences, on_unknown)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[list[tuple[str, float]]] = [[] for _ in encoded]
+        start = 0
+        while start < len(order):
+            end = start + 1
+            longest = len(encoded[order[start]])
+            while end < len(order) and (end - start + 1) * max(longest, len(encoded[order[end]])) * beam <= batch_tokens:
+                longest = max(longest, len(encoded[order[end]]))
+                end += 1
+            rows = order[start:end]
+            for i, hyps in zip(rows, self._decode([encoded[i] for i in rows], beam, alpha, max_len_ratio,
+                                                  max_len_extra, n_best)):
+                results[i] = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
+            start = end
+        return results
+
+    def _decode(self, ids: list[list[int]], beam: int, alpha: float, max_len_ratio: float, max_len_extra: int,
+                n_best: int) -> list[list[Hypothesis]]:
+        pad = self.model.cfg.pad_id
+        src = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            src[row, : len(seq)] = torch.tensor(seq)
+        src = src.to(self.device)
+        if beam == 1:
+            return [[Hypothesis(tokens, 0.0)] for tokens in greedy_search(self.model, src, max_len_ratio, max_len_extra)]
+        return beam_search(self.model, src, beam, alpha, max_len_ratio, max_len_extra, n_best)
+
+
+def load(folder: str | Path, device: str = "cpu") -> Translator:
+    """Load a model folder (``runs/NAME/best``, a checkpoint, or an averaged model) for translation."""
+    model, src_tok, tgt_tok, _ = load_model_folder(folder)
+    return Translator(model.to(device), src_tok, tgt_tok)

@@ -1,0 +1,1 @@
+"""CMUdict grapheme-to-phoneme conversion (stress-free, 39 phonemes)."""

@@ -1,0 +1,75 @@
+"""Greedy and beam search: properties that must hold for any model."""
+import pytest
+import torch
+
+from encdec.search import beam_search, greedy_search, length_penalty
+
+from conftest import tiny_model
+
+
+def _sources(cfg, batch=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, cfg.src_vocab_size, (batch, 9), generator=g)
+    src[1, 5:] = cfg.pad_id
+    src[batch - 1, 2:] = cfg.pad_id
+    return src
+
+
+@pytest.fixture
+def model():
+    # A model with a strong preference for ending makes outputs of varied lengths.
+    m = tiny_model()
+    with torch.no_grad():
+        m.output.weight[m.cfg.eos_id] *= 3
+    return m
+
+
+def test_beam_size_one_equals_greedy(model):
+    src = _sources(model.cfg)
+    greedy = greedy_search(model, src)
+    beams = beam_search(model, src, beam_size=1, alpha=0.0)
+    assert [h[0].tokens for h in beams] == greedy
+    assert len({len(g) for g in greedy}) > 1, "outputs of several lengths exercise finished-row removal"
+
+
+def test_batched_results_equal_one_sentence_at_a_time(model):
+    src = _sources(model.cfg)
+    batched = beam_search(model, src, beam_size=4, n_best=3)
+    greedy = greedy_search(model, src)
+    for i in range(src.size(0)):
+        row = src[i : i + 1, : int((src[i] != model.cfg.pad_id).sum())]
+        alone = beam_search(model, row, beam_size=4, n_best=3)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert greedy_search(model, row) == [greedy[i]]
+
+
+def test_scores_are_normalised_sequence_log_probabilities_in_order(model):
+    src = _sources(model.cfg, batch=3)
+    alpha = 0.6
+    results = beam_search(model, src, beam_size=5, alpha=alpha, n_best=5)
+    for i, hyps in enumerate(results):
+        assert len(hyps) == 5
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            cfg = model.cfg
+            tgt_in = torch.tensor([[cfg.decoder_start_id] + h.tokens])
+            tgt_out = torch.tensor(h.tokens + [cfg.eos_id])
+            with torch.no_grad():
+                log_probs = model(src[i : i + 1], tgt_in)[0]
+            total = log_probs.gather(1, tgt_out[:, None]).sum().item()
+            assert h.score == pytest.approx(total / length_penalty(len(tgt_out), alpha), abs=1e-4)
+
+
+def test_length_limit_is_respected(model):
+    src = _sources(model.cfg)
+    with torch.no_grad():
+        model.output.weight[model.cfg.eos_id] = -10 * model.output.weight[model.cfg.eos_id].abs()
+    out = greedy_search(model, src, max_len_ratio=0.0, max_len_extra=4)
+    assert all(len(o) <= 3 for o in out)
+    for hyps in beam_search(model, src, beam_size=3, max_len_ratio=0.0, max_len_extra=4):
+        assert len(hyps[0].tokens) <= 3
+
+
+def test_n_best_larger_than_beam_is_rejected(model):
+    with pytest.raises(ValueError, match="n_best"):
+        beam_search(model, _sources(model.cfg), beam_size=2, n_best=3)
