@@ -4,10 +4,11 @@ from .config import ConfigError, ModelConfig
 from .embeddings import Embeddings, PositionalEncoding
 from .layers import DecoderLayer, EncoderLayer, FeedForward
 from .model import Decoder, Encoder, Transformer, build_model
+from .translator import Translator, load
 
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "Decoder", "DecoderLayer", "Embeddings", "Encoder", "EncoderLayer", "FeedForward",
     "ModelConfig", "MultiHeadAttention", "PositionalEncoding", "Transformer", "build_model",
-    "padding_mask", "subsequent_mask",
+    "Translator", "load", "padding_mask", "subsequent_mask",
 ]

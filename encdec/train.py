@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ class Trainer:
         if self.ctx.is_main:
             self.src_tok, self.tgt_tok, _ = prepare(cfg, self.run_dir, log)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        self.ctx.barrier()
+        self.ctx.wait_for_main()  # rank 0 may take long; a training collective's timeout would cut it short
         if not self.ctx.is_main:
             self.src_tok, self.tgt_tok, _ = prepare(cfg, self.run_dir, log)
         self.corpus = BinarizedCorpus.load(self.run_dir / "data" / "train")
@@ -161,6 +162,7 @@ class Trainer:
         last = self.last_checkpoint()
         if last is not None:
             self._resume(last)
+        self.ctx.check_same(self.step, "the step to resume from")
         if self.ctx.distributed:
             self.loss = DistributedDataParallel(self.loss, device_ids=[self.ctx.device] if self.ctx.device.type == "cuda" else None)
 
@@ -276,13 +278,16 @@ class Trainer:
         tc = self.cfg.train
         self.model.train()
         stream = iter(self.batches)
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
+        # The bar goes to terminals only; logs get the validation lines.
+        bar = tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.ctx.is_main and sys.stderr.isatty()))
         window_loss = window_tokens = 0.0
         window_start, last_result = time.perf_counter(), None
         reason = self._should_stop()
         while reason is None:
             started = time.perf_counter()
             tokens = 0
+            distributed.seed_step(tc.seed, self.step, self.ctx.rank)  # distinct per rank, exact on resume
             for micro in range(tc.accumulate):
                 batch = next(stream)
                 window_loss += self._micro_step(batch, sync=micro == tc.accumulate - 1)
@@ -324,14 +329,15 @@ class Trainer:
                 f.write(json.dumps(result) + "\n")
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
             self.save_checkpoint(improved)
-        self.ctx.barrier()
+        self.ctx.wait_for_main()
         return result
 
 
 def train(cfg: RunConfig, run_dir: str | Path) -> dict | None:
     """Train (or resume) the run in ``run_dir``; returns the last validation result."""
-    trainer = Trainer(cfg, run_dir)
+    ctx = distributed.setup(cfg.train.device)
     try:
-        return trainer.train()
+        with distributed.explain_failures(ctx):
+            return Trainer(cfg, run_dir, ctx).train()
     finally:
         distributed.teardown()

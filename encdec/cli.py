@@ -1,0 +1,156 @@
+"""The ``encdec`` command: train, translate, evaluate, average, quickstart.
+
+User errors (bad config, missing files, corrupt checkpoints, unusable input)
+print one line, ``encdec: error: ...``, and exit with status 2: no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, CheckpointError)
+
+
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy search (default 5)")
+    p.add_argument("--alpha", type=float, default=1.0, help="GNMT length penalty exponent (default 1.0; 0 = off)")
+    p.add_argument("--max-len-ratio", type=float, default=2.0,
+                   help="longest output as a multiple of the source length, plus 10 (default 2.0)")
+    p.add_argument("--batch-tokens", type=int, default=8000, help="source tokens x beam per decoding batch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="encdec", description="Train and run encoder-decoder Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config (resumes if the run folder has checkpoints)")
+    p.add_argument("config", type=Path, help="YAML file with data:, model: and train: sections")
+    p.add_argument("--run", type=Path, help="run folder (default runs/<config name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
+
+    p = sub.add_parser("translate", help="translate lines from stdin (or --input) to stdout (or --output)")
+    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    p.add_argument("--input", type=Path, help="input file, one segment per line (default stdin)")
+    p.add_argument("--output", type=Path, help="output file (default stdout)")
+    p.add_argument("--n-best", type=int, default=1, help="print the N best outputs per line, tab-separated with scores")
+    _add_decoding_options(p)
+
+    p = sub.add_parser("evaluate", help="translate a test set and score it")
+    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    p.add_argument("--src", type=Path, required=True, help="source file, one segment per line")
+    p.add_argument("--ref", type=Path, required=True,
+                   help="references, one line per source line; several correct answers separated by tabs")
+    p.add_argument("--metric", choices=["text", "symbols"], default="text",
+                   help="text: BLEU and chrF (sacreBLEU); symbols: WER and PER, e.g. for G2P (default text)")
+    p.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer for BLEU (default 13a; 'none' = raw)")
+    p.add_argument("--output", type=Path, help="also write the outputs here")
+    _add_decoding_options(p)
+
+    p = sub.add_parser("average", help="average the weights of checkpoints into a new model folder")
+    p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint folders to average")
+    p.add_argument("--run", type=Path, help="instead: a run folder, averaging its last --last checkpoints")
+    p.add_argument("--last", type=int, default=5, help="how many of the run's last checkpoints (default 5)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the averaged model")
+
+    p = sub.add_parser("quickstart", help="learn numbers -> English words from scratch (~3 minutes), then evaluate")
+    p.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
+    p.add_argument("--minutes", type=float, default=2.5, help="training time budget (default 2.5)")
+    return parser
+
+
+def _read_lines(path: Path | None) -> list[str]:
+    if path is None:
+        return [line.rstrip("\n") for line in sys.stdin]
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _decode_kwargs(args) -> dict:
+    return dict(beam=args.beam, alpha=args.alpha, max_len_ratio=args.max_len_ratio, batch_tokens=args.batch_tokens)
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    train(cfg, args.run or Path("runs") / args.config.stem)
+
+
+def cmd_translate(args) -> None:
+    from .translator import load
+
+    translator = load(args.model, args.device)
+    lines = _read_lines(args.input)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.n_best > 1:
+            for hyps in translator.translate_nbest(lines, n_best=args.n_best, **_decode_kwargs(args)):
+                out.write("\t".join(f"{text}\t{score:.4f}" for text, score in hyps) + "\n")
+        else:
+            out.writelines(f"{text}\n" for text in translator.translate(lines, **_decode_kwargs(args)))
+    finally:
+        if args.output:
+            out.close()
+
+
+def cmd_evaluate(args) -> None:
+    from .metrics import bleu, chrf, evaluate_all
+    from .translator import load
+
+    sources, refs = _read_lines(args.src), [line.split("\t") for line in _read_lines(args.ref)]
+    if len(sources) != len(refs):
+        raise ValueError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(refs)}; they must align")
+    outputs = load(args.model, args.device).translate(sources, **_decode_kwargs(args))
+    if args.output:
+        args.output.write_text("".join(f"{o}\n" for o in outputs), encoding="utf-8")
+    if args.metric == "symbols":
+        scores = evaluate_all(outputs, refs, kind="symbols")
+        print(f"WER {scores['wer']:.2f}  PER {scores['per']:.2f}  ({len(sources)} items)")
+    else:
+        print(f"BLEU {bleu(outputs, refs, tokenize=args.tokenize):.2f}  chrF {chrf(outputs, refs):.2f}  "
+              f"({len(sources)} segments, tokenize={args.tokenize})")
+
+
+def cmd_average(args) -> None:
+    from .checkpoint import average_checkpoints
+
+    folders = list(args.checkpoints)
+    if args.run:
+        folders += sorted((args.run / "checkpoints").glob("step-*[0-9]"))[-args.last:]
+    if not folders:
+        raise ValueError("no checkpoints given; pass checkpoint folders or --run RUN_FOLDER")
+    average_checkpoints(folders, args.out)
+    print(f"averaged {len(folders)} checkpoints into {args.out}")
+
+
+def cmd_quickstart(args) -> None:
+    from .quickstart import run
+
+    run(args.run, args.minutes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate, "average": cmd_average,
+               "quickstart": cmd_quickstart}[args.command]
+    try:
+        command(args)
+    except USER_ERRORS as e:
+        print(f"encdec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("encdec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The command line: one-line errors for bad input, and the verbs working end to end."""
+import subprocess
+import sys
+
+import pytest
+
+from encdec.cli import main
+
+from test_train import make_reverse_task
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "encdec", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encdec: error:"), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_help_explains_each_verb():
+    result = run_cli("--help")
+    for verb in ("train", "translate", "evaluate", "average", "quickstart"):
+        assert verb in result.stdout
+    assert "--beam" in run_cli("translate", "--help").stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: {train: a.tsv, dev: b.tsv}\ntrian: {}\n", "trian: unknown option"),
+    ("data: {train: a.tsv, dev: b.tsv}\ntrain: {metric: blue}\n", "train.metric: 'blue' is not allowed"),
+    ("data: {train: a.tsv}\n", "data.dev: required"),
+    ("data: [unclosed\n", "not valid YAML"),
+])
+def test_bad_configs_give_one_line(tmp_path, capsys, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["train", str(config), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_bad_set_override_and_missing_data(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train: [{tmp_path}/x.src, {tmp_path}/x.tgt], dev: {tmp_path}/d.tsv}}\n")
+    assert main(["train", str(config), "--set", "train.lr"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert main(["train", str(config), "--run", str(tmp_path / "run")]) == 2
+    assert "x.src" in capsys.readouterr().err
+
+
+def test_mismatched_training_files_are_reported(tmp_path, capsys):
+    make_reverse_task(tmp_path, n_train=50, n_dev=5)
+    (tmp_path / "train.tgt").write_text("only one line\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train: [{tmp_path}/train.src, {tmp_path}/train.tgt], "
+                      f"dev: [{tmp_path}/dev.src, {tmp_path}/dev.tgt], src_tokenizer: {{kind: char}}}}\n")
+    assert main(["train", str(config), "--run", str(tmp_path / "run")]) == 2
+    assert "ends after 1 lines" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few steps through the CLI."""
+    folder = tmp_path_factory.mktemp("cli")
+    make_reverse_task(folder, n_train=300, n_dev=10)
+    config = folder / "c.yaml"
+    config.write_text(f"data: {{train: [{folder}/train.src, {folder}/train.tgt], "
+                      f"dev: [{folder}/dev.src, {folder}/dev.tgt], src_tokenizer: {{kind: char}}, max_len: 32}}\n"
+                      "model: {d_model: 32, heads: 2, ff: 64, encoder_layers: 1, decoder_layers: 1, max_len: 32}\n"
+                      "train: {max_tokens: 500, max_steps: 4, validate_every: 2, metric: exact, threads: 1}\n")
+    result = run_cli("train", config, "--run", folder / "run", "--set", "train.lr=0.001")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_translate_evaluate_average(trained):
+    model = trained / "run" / "best"
+    result = run_cli("translate", "--model", model, "--beam", "2", stdin="abc\ndef\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    nbest = run_cli("translate", "--model", model, "--beam", "3", "--n-best", "3", stdin="abc\n")
+    assert len(nbest.stdout.strip().split("\t")) == 6, "3 outputs, each with its score"
+    result = run_cli("evaluate", "--model", model, "--src", trained / "dev.src", "--ref", trained / "dev.tgt")
+    assert result.returncode == 0 and "BLEU" in result.stdout and "chrF" in result.stdout, result.stderr
+    result = run_cli("average", "--run", trained / "run", "--last", "2", "--out", trained / "avg")
+    assert result.returncode == 0 and (trained / "avg" / "model.safetensors").exists(), result.stderr
+
+
+def test_unknown_characters_warn_and_over_long_input_errors(trained):
+    model = trained / "run" / "best"
+    result = run_cli("translate", "--model", model, "--beam", "1", stdin="abZ\n")
+    assert result.returncode == 0 and "unknown symbols mapped to <unk>: Z" in result.stderr
+    assert_one_line_error(run_cli("translate", "--model", model, stdin="a" * 40 + "\n"),
+                          "input 1 has 41 tokens but the model takes at most 31")
+
+
+def test_missing_and_corrupt_models_give_one_line(trained, tmp_path):
+    assert_one_line_error(run_cli("translate", "--model", tmp_path / "nothing", stdin="abc\n"), "no config.json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (trained / "run" / "best").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(run_cli("translate", "--model", broken, stdin="abc\n"), "model.safetensors")
+    mismatch = run_cli("evaluate", "--model", trained / "run" / "best", "--src", trained / "dev.src",
+                       "--ref", trained / "train.tgt")
+    assert_one_line_error(mismatch, "must align")

@@ -1,0 +1,105 @@
+"""Training: schedule, loss, resume exactness, checkpoints, and that the pieces learn together."""
+import json
+import random
+
+import pytest
+import torch
+
+from encdec.checkpoint import atomic_folder, average_checkpoints, load_model_folder
+from encdec.config import RunConfig, from_dict
+from encdec.train import Trainer, TranslationLoss, inverse_sqrt_lr
+from encdec.translator import load
+
+from conftest import random_batch, tiny_model
+
+
+def make_reverse_task(folder, n_train=3000, n_dev=100, seed=0):
+    """Strings of letters and their reversals: learnable, but only through attention."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 9))) for _ in range(n)]
+        (folder / f"{name}.src").write_text("".join(w + "\n" for w in words))
+        (folder / f"{name}.tgt").write_text("".join(w[::-1] + "\n" for w in words))
+
+
+def reverse_config(folder, **train):
+    options = {"max_tokens": 600, "lr": 0.003, "warmup": 50, "max_steps": 8, "validate_every": 4,
+               "metric": "loss", "label_smoothing": 0.1, "seed": 3, "threads": 1}
+    options.update(train)
+    return from_dict(RunConfig, {
+        "data": {"train": [str(folder / "train.src"), str(folder / "train.tgt")],
+                 "dev": [str(folder / "dev.src"), str(folder / "dev.tgt")], "src_tokenizer": {"kind": "char"},
+                 "max_len": 32},
+        "model": {"d_model": 32, "heads": 4, "ff": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.1},
+        "train": options})
+
+
+def test_inverse_sqrt_schedule():
+    assert inverse_sqrt_lr(1, 1.0, 100) == pytest.approx(0.01)
+    assert inverse_sqrt_lr(100, 1.0, 100) == pytest.approx(1.0)
+    assert inverse_sqrt_lr(400, 1.0, 100) == pytest.approx(0.5)
+
+
+def test_loss_counts_real_tokens_only_and_matches_a_full_computation():
+    model = tiny_model()
+    src, tgt_in = random_batch(model.cfg, tgt_len=6)
+    tgt_out = torch.randint(4, model.cfg.tgt_vocab_size, tgt_in.shape)
+    tgt_out[1, 3:] = model.cfg.pad_id
+    loss = TranslationLoss(model, 0.1)(src, tgt_in, tgt_out)
+    log_probs = model(src, tgt_in)
+    real = tgt_out != model.cfg.pad_id
+    nll = -log_probs.gather(-1, tgt_out[..., None])[..., 0][real]
+    smooth = -log_probs.mean(-1)[real]
+    torch.testing.assert_close(loss, (0.9 * nll + 0.1 * smooth).sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path):
+    make_reverse_task(tmp_path / "data", n_train=400, n_dev=20)
+    straight = Trainer(reverse_config(tmp_path / "data", max_steps=8), tmp_path / "straight")
+    straight.train()
+    first = Trainer(reverse_config(tmp_path / "data", max_steps=4), tmp_path / "resumed")
+    first.train()
+    second = Trainer(reverse_config(tmp_path / "data", max_steps=8), tmp_path / "resumed")
+    assert second.step == 4
+    second.train()
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8]
+
+
+def test_checkpoints_best_and_average(tmp_path):
+    make_reverse_task(tmp_path / "data", n_train=400, n_dev=20)
+    Trainer(reverse_config(tmp_path / "data", max_steps=8, validate_every=2, keep_checkpoints=3),
+            tmp_path / "run").train()
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["step-00000004", "step-00000006", "step-00000008"], "only the last 3 are kept"
+    folders = [tmp_path / "run" / "checkpoints" / s for s in steps]
+    average_checkpoints(folders, tmp_path / "avg")
+    models = [load_model_folder(f)[0].state_dict() for f in folders]
+    averaged = load_model_folder(tmp_path / "avg")[0].state_dict()
+    for name, value in averaged.items():
+        torch.testing.assert_close(value, sum(m[name] for m in models) / 3)
+    assert load(tmp_path / "run" / "best").translate(["abc"])[0] is not None
+
+
+def test_interrupted_save_leaves_the_previous_folder_whole(tmp_path):
+    target = tmp_path / "best"
+    with atomic_folder(target) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert (target / "model.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"], "no temporary folder is left behind"
+
+
+def test_a_small_model_learns_to_reverse_strings(tmp_path):
+    make_reverse_task(tmp_path / "data", n_train=4000, n_dev=200)
+    cfg = reverse_config(tmp_path / "data", max_steps=900, validate_every=300, metric="exact", lr=0.004,
+                         warmup=100, max_tokens=800, label_smoothing=0.0, threads=0)
+    cfg.model.update({"d_model": 64, "ff": 256, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0})
+    result = Trainer(cfg, tmp_path / "run").train()
+    assert result["exact"] >= 99.0, result
