@@ -14,6 +14,7 @@ Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -72,8 +73,14 @@ def resolve_folder(path: str | Path) -> Path:
 
 
 def save_model_folder(folder: Path, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer,
-                      extra: dict | None = None) -> None:
-    """Write weights, config and tokenizers into ``folder`` (an :func:`atomic_folder`)."""
+                      extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write weights, config and tokenizers into ``folder`` (an :func:`atomic_folder`).
+
+    ``dtype=torch.float16`` stores the weights at half size (for shipping); loading
+    always gives a float32 model.
+    """
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
     save_model(model, str(folder / MODEL_FILE))  # handles shared/tied tensors
     src_tok.save(folder / "src.tokenizer")
     tgt_tok.save(folder / "tgt.tokenizer")

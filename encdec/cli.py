@@ -1,4 +1,4 @@
-"""The ``encdec`` command: train, translate, evaluate, average, quickstart.
+"""The ``encdec`` command: train, translate, evaluate, average, export, g2p, plot, quickstart.
 
 User errors (bad config, missing files, corrupt checkpoints, unusable input)
 print one line, ``encdec: error: ...``, and exit with status 2: no traceback.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 
+G2P_MODEL = Path(__file__).resolve().parents[1] / "models" / "g2p-en"
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, CheckpointError)
 
 
@@ -56,6 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, help="instead: a run folder, averaging its last --last checkpoints")
     p.add_argument("--last", type=int, default=5, help="how many of the run's last checkpoints (default 5)")
     p.add_argument("--out", type=Path, required=True, help="folder for the averaged model")
+
+    p = sub.add_parser("export", help="copy a model folder, optionally with float16 weights (half the size)")
+    p.add_argument("--model", type=Path, required=True, help="model folder to export")
+    p.add_argument("--out", type=Path, required=True, help="new model folder")
+    p.add_argument("--half", action="store_true", help="store weights as float16 (loading gives float32)")
+
+    p = sub.add_parser("g2p", help="English words -> ARPAbet phonemes with the shipped CMUdict model")
+    p.add_argument("words", nargs="*", help="words to pronounce (default: one per line from stdin)")
+    p.add_argument("--model", type=Path, default=G2P_MODEL, help=f"model folder (default {G2P_MODEL})")
+    p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+
+    p = sub.add_parser("plot", help="draw a run's training curve (--run) or one sentence's attention (--model --text)")
+    p.add_argument("--run", type=Path, help="run folder: plot loss and the dev metric from its log.jsonl")
+    p.add_argument("--model", type=Path, help="model folder: plot encoder-decoder attention for --text")
+    p.add_argument("--text", help="the sentence to translate and show attention for")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
     p = sub.add_parser("quickstart", help="learn numbers -> English words from scratch (~3 minutes), then evaluate")
     p.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
@@ -131,6 +148,41 @@ def cmd_average(args) -> None:
     print(f"averaged {len(folders)} checkpoints into {args.out}")
 
 
+def cmd_export(args) -> None:
+    import torch
+
+    from .checkpoint import atomic_folder, load_model_folder, save_model_folder
+
+    model, src_tok, tgt_tok, config = load_model_folder(args.model)
+    extra = {k: v for k, v in config.items() if k not in ("model", "src_tokenizer", "tgt_tokenizer")}
+    with atomic_folder(args.out) as tmp:
+        save_model_folder(tmp, model, src_tok, tgt_tok, extra, dtype=torch.float16 if args.half else None)
+    print(f"exported {args.model} to {args.out}")
+
+
+def cmd_g2p(args) -> None:
+    from .translator import load
+
+    words = args.words or [line.strip() for line in sys.stdin if line.strip()]
+    # The model was trained on upper-case CMUdict spellings.
+    outputs = load(args.model).translate([w.upper() for w in words], beam=args.beam, alpha=0.0)
+    for word, phonemes in zip(words, outputs):
+        print(f"{word}\t{phonemes}")
+
+
+def cmd_plot(args) -> None:
+    from .plots import plot_attention, plot_training
+
+    if args.run:
+        print(f"wrote {plot_training(args.run, args.out)}")
+    elif args.model and args.text is not None:
+        from .translator import load
+
+        print(f"wrote {plot_attention(load(args.model), args.text, args.out)}")
+    else:
+        raise ValueError("give --run RUN_FOLDER for the training curve, or --model MODEL --text SENTENCE for attention")
+
+
 def cmd_quickstart(args) -> None:
     from .quickstart import run
 
@@ -140,7 +192,7 @@ def cmd_quickstart(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate, "average": cmd_average,
-               "quickstart": cmd_quickstart}[args.command]
+               "export": cmd_export, "g2p": cmd_g2p, "plot": cmd_plot, "quickstart": cmd_quickstart}[args.command]
     try:
         command(args)
     except USER_ERRORS as e:

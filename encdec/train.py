@@ -297,8 +297,12 @@ class Trainer:
             self.elapsed += time.perf_counter() - started
             bar.update(1)
             if self.step % tc.log_every == 0:
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                bar.set_postfix(loss=f"{window_loss / max(window_tokens, 1):.3f}", tok_s=f"{rate * self.ctx.world_size:.0f}")
+                rate = window_tokens * self.ctx.world_size / max(time.perf_counter() - window_start, 1e-9)
+                loss = window_loss / max(window_tokens, 1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+                if bar.disable and self.ctx.is_main:  # no terminal: a plain line instead of the bar
+                    self.log(f"step {self.step}/{tc.max_steps} loss {loss:.3f} {rate:.0f} tok/s "
+                             f"{self.elapsed / 60:.1f} min")
             reason = self._should_stop()
             if self.step % tc.validate_every == 0 or reason is not None:
                 last_result = self._validate_and_save(window_loss / max(window_tokens, 1), window_tokens, window_start)

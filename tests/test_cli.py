@@ -109,3 +109,23 @@ def test_missing_and_corrupt_models_give_one_line(trained, tmp_path):
     mismatch = run_cli("evaluate", "--model", trained / "run" / "best", "--src", trained / "dev.src",
                        "--ref", trained / "train.tgt")
     assert_one_line_error(mismatch, "must align")
+
+
+def test_plots_of_training_and_attention(trained):
+    curve, attention = trained / "curve.png", trained / "attention.png"
+    result = run_cli("plot", "--run", trained / "run", "--out", curve)
+    assert result.returncode == 0 and curve.read_bytes()[:4] == b"\x89PNG", result.stderr
+    result = run_cli("plot", "--model", trained / "run" / "best", "--text", "abc", "--out", attention)
+    assert result.returncode == 0 and attention.read_bytes()[:4] == b"\x89PNG", result.stderr
+    assert_one_line_error(run_cli("plot", "--out", curve), "give --run")
+
+
+def test_half_precision_export_is_half_the_size_and_translates_alike(trained):
+    model, half = trained / "run" / "best", trained / "half"
+    result = run_cli("export", "--model", model, "--out", half, "--half")
+    assert result.returncode == 0, result.stderr
+    full_size = (model / "model.safetensors").stat().st_size
+    assert (half / "model.safetensors").stat().st_size < 0.6 * full_size
+    words = "abc\nbcd\nfed\n"
+    same = run_cli("translate", "--model", model, "--beam", "1", stdin=words).stdout
+    assert run_cli("translate", "--model", half, "--beam", "1", stdin=words).stdout == same

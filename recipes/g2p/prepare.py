@@ -135,13 +135,20 @@ def load_references(path: str | Path) -> Lexicon:
 
 
 def write_split(out_dir: Path, split: str, lexicon: Lexicon) -> None:
-    """Write one split: all pairs for train; one line per word plus references otherwise."""
+    """Write one split: all pairs for train; one line per word plus references otherwise.
+
+    Dev also gets ``dev.tsv``, one line per (word, pronunciation): training's
+    validation groups lines by source, so every reference counts there too.
+    """
     if split == "train":
         pairs = [(word, pron) for word, prons in lexicon.items() for pron in prons]
         write_parallel(out_dir, split, [w for w, _ in pairs], [p for _, p in pairs])
     else:
         write_parallel(out_dir, split, list(lexicon), [prons[0] for prons in lexicon.values()])
         write_references(out_dir / f"{split}.refs.tsv", lexicon)
+    if split == "dev":
+        rows = "".join(f"{word}\t{pron}\n" for word, prons in lexicon.items() for pron in prons)
+        (out_dir / "dev.tsv").write_text(rows, encoding="utf-8")
 
 
 def prepare(
