@@ -1,6 +1,6 @@
 """encdec: the encoder-decoder Transformer for sequence-to-sequence work."""
 from .attention import MultiHeadAttention, padding_mask, subsequent_mask
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, RunConfig, load_config
 from .embeddings import Embeddings, PositionalEncoding
 from .layers import DecoderLayer, EncoderLayer, FeedForward
 from .model import Decoder, Encoder, Transformer, build_model
@@ -9,6 +9,6 @@ from .translator import Translator, load
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "Decoder", "DecoderLayer", "Embeddings", "Encoder", "EncoderLayer", "FeedForward",
-    "ModelConfig", "MultiHeadAttention", "PositionalEncoding", "Transformer", "build_model",
+    "ModelConfig", "MultiHeadAttention", "RunConfig", "load_config", "PositionalEncoding", "Transformer", "build_model",
     "Translator", "load", "padding_mask", "subsequent_mask",
 ]

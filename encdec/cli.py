@@ -105,6 +105,13 @@ def cmd_translate(args) -> None:
     from .translator import load
 
     translator = load(args.model, args.device)
+    if args.input is None and sys.stdin.isatty() and args.output is None:
+        # Interactive: answer each line as it is typed (Ctrl-D ends).
+        for line in sys.stdin:
+            for text, score in translator.translate_nbest([line.rstrip("\n")], n_best=args.n_best,
+                                                          **_decode_kwargs(args))[0]:
+                print(text if args.n_best == 1 else f"{text}\t{score:.4f}", flush=True)
+        return
     lines = _read_lines(args.input)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:

@@ -170,6 +170,7 @@ class Trainer:
 
     def log(self, message: str) -> None:
         tqdm.write(message)
+        sys.stdout.flush()  # logs redirected to files show up as they happen
 
     def last_checkpoint(self) -> Path | None:
         folders = sorted((self.run_dir / "checkpoints").glob("step-*[0-9]"))

@@ -97,9 +97,9 @@ def test_interrupted_save_leaves_the_previous_folder_whole(tmp_path):
 
 
 def test_a_small_model_learns_to_reverse_strings(tmp_path):
-    make_reverse_task(tmp_path / "data", n_train=4000, n_dev=200)
-    cfg = reverse_config(tmp_path / "data", max_steps=900, validate_every=300, metric="exact", lr=0.004,
-                         warmup=100, max_tokens=800, label_smoothing=0.0, threads=0)
+    make_reverse_task(tmp_path / "data", n_train=6000, n_dev=200)
+    cfg = reverse_config(tmp_path / "data", max_steps=1500, validate_every=500, metric="exact", lr=0.005,
+                         warmup=150, max_tokens=1000, label_smoothing=0.0)
     cfg.model.update({"d_model": 64, "ff": 256, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0})
     result = Trainer(cfg, tmp_path / "run").train()
     assert result["exact"] >= 99.0, result
