@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .distributed import DistributedError
 
 G2P_MODEL = Path(__file__).resolve().parents[1] / "models" / "g2p-en"
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, CheckpointError)
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"encdec: error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:  # another rank failed: say so in one line, this rank is not the cause
+        print(f"encdec: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("encdec: interrupted", file=sys.stderr)
         return 130

@@ -164,7 +164,9 @@ class Trainer:
             self._resume(last)
         self.ctx.check_same(self.step, "the step to resume from")
         if self.ctx.distributed:
-            self.loss = DistributedDataParallel(self.loss, device_ids=[self.ctx.device] if self.ctx.device.type == "cuda" else None)
+            # The only buffer (the sinusoid table) never changes: no need to re-send it every step.
+            self.loss = DistributedDataParallel(self.loss, broadcast_buffers=False,
+                                                device_ids=[self.ctx.device] if self.ctx.device.type == "cuda" else None)
 
     # --- run folder -------------------------------------------------------------------------
 
