@@ -32,27 +32,47 @@ class KVCache:
 
     Self-attention grows by one step at a time (:meth:`append`); encoder-decoder
     attention fills it once per source sentence and then only reads it. Tensors
-    are ``(batch, heads, len, head_dim)``.
+    are ``(batch, heads, len, head_dim)``. With a ``capacity`` the buffers are
+    allocated once and written in place, so a step costs no copy of the past.
     """
 
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.size(2)
+        return self.length
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        """Add ``(batch, heads, new, head_dim)`` keys and values; returns all of them so far."""
+        end = self.length + k.size(2)
+        if self._k is None or end > self._k.size(2):
+            size = max(end, self.capacity, 2 * self.length)
+            grown_k = k.new_empty(k.size(0), k.size(1), size, k.size(3))
+            grown_v = v.new_empty(grown_k.shape)
+            if self.length:
+                grown_k[:, :, : self.length] = self.k
+                grown_v[:, :, : self.length] = self.v
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
         return self.k, self.v
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering and pruning)."""
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):

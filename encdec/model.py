@@ -41,8 +41,8 @@ class DecoderCache:
     the growing self-attention keys/values and the encoder-decoder keys/values,
     which are computed from the encoder output once per source sentence."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.self_attn = [KVCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+        self.self_attn = [KVCache(capacity) for _ in range(num_layers)]
         self.cross_attn = [KVCache() for _ in range(num_layers)]
 
     def __len__(self) -> int:
@@ -142,8 +142,9 @@ class Transformer(nn.Module):
         memory = self.encode(src, src_mask)
         return F.log_softmax(self.project(self.decode(tgt_in, memory, src_mask)), dim=-1)
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(len(self.decoder.layers))
+    def new_cache(self, capacity: int = 0) -> DecoderCache:
+        """An empty cache; ``capacity`` (target positions) preallocates the self-attention buffers."""
+        return DecoderCache(len(self.decoder.layers), capacity)
 
     def record_attention(self, on: bool = True) -> None:
         """Keep every attention layer's weights (``layer.self_attn.weights`` etc.) for plots."""

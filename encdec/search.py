@@ -42,13 +42,13 @@ def max_steps(src: Tensor, model: Transformer, max_len_ratio: float, max_len_ext
 class _Step:
     """The encoder output, source mask and cache of the live rows, and one decoding step."""
 
-    def __init__(self, model: Transformer, src: Tensor, repeat: int) -> None:
+    def __init__(self, model: Transformer, src: Tensor, repeat: int, steps: int) -> None:
         self.model = model
         src_mask = padding_mask(src, model.cfg.pad_id)
         memory = model.encode(src, src_mask)
         self.memory = memory.repeat_interleave(repeat, dim=0)
         self.src_mask = src_mask.repeat_interleave(repeat, dim=0)
-        self.cache: DecoderCache = model.new_cache()
+        self.cache: DecoderCache = model.new_cache(capacity=steps)
 
     def log_probs(self, last: Tensor) -> Tensor:
         """Next-token log-probabilities ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
@@ -68,7 +68,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     """The most probable next token at each step. ``src`` ``(batch, src_len)`` -> token ids per sentence."""
     cfg = model.cfg
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
-    step = _Step(model, src, repeat=1)
+    step = _Step(model, src, repeat=1, steps=int(limit.max()))
     alive = torch.arange(src.size(0))  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long)
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
@@ -104,7 +104,7 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
     cfg, k = model.cfg, beam_size
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
-    step = _Step(model, src, repeat=k)
+    step = _Step(model, src, repeat=k, steps=int(limit.max()))
     batch = src.size(0)
     alive = torch.arange(batch)
     tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long)

@@ -1,4 +1,5 @@
 """MultiHeadAttention and the masks: shapes, the two code paths, and torch.nn equality."""
+import pytest
 import torch
 from torch import nn
 
@@ -65,13 +66,24 @@ def test_cross_attention_cache_computes_keys_once_and_self_cache_grows():
     attn = MultiHeadAttention(16, 4).eval()
     memory = torch.randn(2, 7, 16)
     cache = KVCache()
-    attn(torch.randn(2, 1, 16), memory, cache=cache)
-    k = cache.k
-    attn(torch.randn(2, 1, 16), torch.zeros_like(memory), cache=cache)
-    assert cache.k is k, "encoder-decoder keys must be computed once and reused"
-    self_cache = KVCache()
-    for step in range(3):
-        attn(torch.randn(2, 1, 16), cache=self_cache)
-        assert len(self_cache) == step + 1
-    self_cache.reorder(torch.tensor([1, 1]))
-    torch.testing.assert_close(self_cache.k[0], self_cache.k[1])
+    query = torch.randn(2, 1, 16)
+    first = attn(query, memory, cache=cache)
+    k = cache.k.clone()
+    # a different memory on later steps is ignored: keys/values were computed once
+    torch.testing.assert_close(attn(query, torch.zeros_like(memory), cache=cache), first)
+    torch.testing.assert_close(cache.k, k)
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 8])
+def test_self_attention_cache_grows_in_place_or_by_reallocation(capacity):
+    attn = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    full = attn(x, mask=subsequent_mask(5))
+    cache = KVCache(capacity)
+    steps = []
+    for step in range(5):
+        steps.append(attn(x[:, step : step + 1], cache=cache))
+        assert len(cache) == step + 1 and cache.k.shape == (2, 4, step + 1, 4)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
+    cache.reorder(torch.tensor([1, 1]))
+    torch.testing.assert_close(cache.k[0], cache.k[1])
