@@ -10,6 +10,7 @@ starts from the <pad> token.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,6 +110,16 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin; is this a Marian checkpoint folder?")
 
 
+def _untie_where_weights_differ(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> ModelConfig:
+    """Trust the tensors over the flags: transformers may save distinct matrices for weights the
+    config calls shared (e.g. ``tie_word_embeddings=false`` also unties encoder and decoder)."""
+    src, tgt = weights.get("encoder.embed_tokens.weight"), weights.get("decoder.embed_tokens.weight")
+    head = weights.get("lm_head.weight")
+    share = cfg.share_embeddings and not (src is not None and tgt is not None and not torch.equal(src, tgt))
+    tie = cfg.tie_output and not (head is not None and tgt is not None and not torch.equal(head, tgt))
+    return replace(cfg, share_embeddings=share, tie_output=tie)
+
+
 def load_marian(path: str | Path) -> Transformer:
     """Build an encdec :class:`Transformer` from a Marian checkpoint folder, in eval mode."""
     path = Path(path)
@@ -118,9 +129,10 @@ def load_marian(path: str | Path) -> Transformer:
     hf = json.loads(config_file.read_text(encoding="utf-8"))
     if hf.get("model_type") != "marian":
         raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}, not 'marian'")
-    cfg = marian_config(hf)
+    weights = _read_weights(path)
+    cfg = _untie_where_weights_differ(marian_config(hf), {k.removeprefix("model."): v for k, v in weights.items()})
     model = build_model(cfg)
-    state = marian_state_dict(_read_weights(path), cfg)
+    state = marian_state_dict(weights, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # With shared or tied weights, several names point at one tensor; only report real gaps.
     missing = [k for k in missing if k not in ("tgt_embed.lut.weight", "output.weight") and "table" not in k]

@@ -54,6 +54,11 @@ class DecoderCache:
         for cache in self.self_attn + self.cross_attn:
             cache.reorder(index)
 
+    def reorder_self_attention(self, index: Tensor) -> None:
+        """Reorder only the per-hypothesis part (rows moving among one sentence's beams)."""
+        for cache in self.self_attn:
+            cache.reorder(index)
+
 
 class Decoder(nn.Module):
     """A stack of ``cfg.decoder_layers`` identical :class:`DecoderLayer` (plus a final norm for pre-norm)."""

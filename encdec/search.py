@@ -55,8 +55,16 @@ class _Step:
         hidden = self.model.decode(last[:, None], self.memory, self.src_mask, self.cache)
         return F.log_softmax(self.model.project(hidden[:, -1]).float(), dim=-1)
 
-    def keep(self, rows: Tensor) -> None:
-        """Keep (reorder, repeat) the given rows of everything held per row."""
+    def keep(self, rows: Tensor, same_sentences: bool = False) -> None:
+        """Keep (reorder, repeat) the given rows of everything held per row.
+
+        ``same_sentences``: the rows only move among the beams of each sentence.
+        Everything derived from the source is identical across those beams, so
+        only the self-attention cache (which differs per beam) is reordered.
+        """
+        if same_sentences:
+            self.cache.reorder_self_attention(rows)
+            return
         self.memory = self.memory.index_select(0, rows)
         self.src_mask = self.src_mask.index_select(0, rows)
         self.cache.reorder(rows)
@@ -141,5 +149,5 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         rows = rows[keep].view(-1)
         tokens = torch.cat([tokens[rows], next_token[keep].view(-1, 1)], dim=1)
         scores, alive = go_scores[keep], alive[keep]
-        step.keep(rows)
+        step.keep(rows, same_sentences=len(keep) == n)
     return [sorted(h, key=lambda h: -h.score)[:n_best] for h in finished]

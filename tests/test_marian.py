@@ -37,7 +37,8 @@ def sources():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"activation_function": "gelu", "scale_embedding": False},
-                                       {"share_encoder_decoder_embeddings": False, "tie_word_embeddings": False}])
+                                       {"share_encoder_decoder_embeddings": False, "tie_word_embeddings": False},
+                                       {"tie_word_embeddings": False}])
 def test_logits_agree_with_marian(tmp_path, overrides):
     hf, ours = make_marian(tmp_path, **overrides)
     src = sources()
