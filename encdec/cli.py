@@ -171,6 +171,9 @@ def cmd_export(args) -> None:
 def cmd_g2p(args) -> None:
     from .translator import load
 
+    if not (args.model / "config.json").exists() and args.model == G2P_MODEL:
+        raise FileNotFoundError(f"no G2P model at {G2P_MODEL}; train one with 'bash recipes/g2p/run.sh' "
+                                "and pass --model runs/g2p/best")
     words = args.words or [line.strip() for line in sys.stdin if line.strip()]
     # The model was trained on upper-case CMUdict spellings.
     outputs = load(args.model).translate([w.upper() for w in words], beam=args.beam, alpha=0.0)

@@ -50,10 +50,13 @@ class _Step:
         self.src_mask = src_mask.repeat_interleave(repeat, dim=0)
         self.cache: DecoderCache = model.new_cache(capacity=steps)
 
-    def log_probs(self, last: Tensor) -> Tensor:
-        """Next-token log-probabilities ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
+    def logits(self, last: Tensor) -> Tensor:
+        """Next-token logits ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
         hidden = self.model.decode(last[:, None], self.memory, self.src_mask, self.cache)
-        return F.log_softmax(self.model.project(hidden[:, -1]).float(), dim=-1)
+        return self.model.project(hidden[:, -1]).float()
+
+    def log_probs(self, last: Tensor) -> Tensor:
+        return F.log_softmax(self.logits(last), dim=-1)
 
     def keep(self, rows: Tensor, same_sentences: bool = False) -> None:
         """Keep (reorder, repeat) the given rows of everything held per row.
@@ -81,7 +84,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long)
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
     for t in range(1, int(limit.max()) + 1):
-        last = step.log_probs(last).argmax(-1)
+        last = step.logits(last).argmax(-1)  # the argmax of the logits is that of the probabilities
         # The length limit counts the end token, as in beam search.
         done = (last == cfg.eos_id) | (limit[alive] <= t)
         for row in (~done).nonzero().squeeze(1).tolist():
