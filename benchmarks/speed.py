@@ -289,10 +289,13 @@ def decoder(system: str, c: dict, folder: Path):
     """``run(sources, beam) -> token ids per sentence`` (no start/end token) for one system."""
     import torch
     pad, eos = c["vocab"] - 1, 0
-    if system == "encdec":
+    if system in ("encdec", "encdec-int8"):
         from encdec.marian import load_marian
+        from encdec.quantize import quantize_int8
         from encdec.search import beam_search, greedy_search
         model = load_marian(folder / "hf")
+        if system == "encdec-int8":
+            model = quantize_int8(model)
 
         def run(src, beam):
             ids = pad_rows(src, pad)
@@ -401,6 +404,16 @@ def decode_table(rows: dict) -> list[str]:
     return out
 
 
+def target_table(rows: dict) -> list[str]:
+    """The issue's decoding targets side by side: vs HF, and same precision vs CTranslate2."""
+    out = ["| mode | encdec / hf | encdec / ct2-float32 | encdec-int8 / ct2-int8 |", "|---|---|---|---|"]
+    for mode in [k for k in rows["encdec"] if k != "max_rss_mib"]:
+        tps = {name: r[mode]["tokens_per_s"] for name, r in rows.items()}
+        out.append(f"| {mode} | {ratio(tps['encdec'], tps['hf'])} | {ratio(tps['encdec'], tps['ct2-float32'])} | "
+                   f"{ratio(tps['encdec-int8'], tps['ct2-int8'])} |")
+    return out
+
+
 def main() -> None:
     global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -452,15 +465,16 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 prep = in_subprocess("prepare", {"config": name, "dir": folder})
                 spec = {"config": name, "dir": folder, "n1": n1, "batch": nb}
-                rows = {s: in_subprocess("decode", {**spec, "system": s}) for s in ("encdec", "hf", "ct2-float32",
-                                                                                    "ct2-int8")}
+                rows = {s: in_subprocess("decode", {**spec, "system": s})
+                        for s in ("encdec", "hf", "ct2-float32", "encdec-int8", "ct2-int8")}
             results["decode"][name] = {"prepare": prep, **rows}
             lines += [f"## Decoding, {title}", "",
                       f"One random MarianMTModel (end token fitted to stop near the source length, RMSE "
                       f"{prep['fit_rmse']:.2f}) loaded by each system; sources of 25-35 tokens; at most {MAX_NEW} new "
                       f"tokens; beam: length penalty 0, stop at 5 finished. b1: the first {n1} sources one by one; "
                       f"b{nb}: the first {nb} as one batch. tokens/s counts output tokens (no end token).", "",
-                      *decode_table(rows), ""]
+                      *decode_table(rows), "", "Targets (tokens/s ratios; want >= 2 for HF, >= 1 for CTranslate2):", "",
+                      *target_table(rows), ""]
     info["load_average_at_end"] = os.getloadavg()[0]
     lines.append(f"Load average at the end: {info['load_average_at_end']:.1f}.")
     print("\n".join(lines))

@@ -41,6 +41,7 @@ class KVCache:
         self.length = 0
         self._k: Tensor | None = None
         self._v: Tensor | None = None
+        self._spare: tuple[Tensor, Tensor] | None = None  # reorder()'s second buffer
 
     def __len__(self) -> int:
         return self.length
@@ -71,8 +72,21 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering and pruning)."""
-        if self._k is not None:
+        if self._k is None:
+            return
+        if not self.capacity or self._k.requires_grad:  # (out= copies cannot be differentiated)
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            return
+        # Preallocated: copy only the filled positions, into a second buffer that then swaps
+        # with the first, so beam search's per-step reordering allocates nothing.
+        rows = index.numel()
+        if self._spare is None or self._spare[0].size(0) < rows or self._spare[0].size(2) < self.length:
+            self._spare = (self._k.new_empty(rows, *self._k.shape[1:]), self._v.new_empty(rows, *self._v.shape[1:]))
+        new_k, new_v = self._spare[0][:rows], self._spare[1][:rows]
+        torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])
+        torch.index_select(self.v, 0, index, out=new_v[:, :, : self.length])
+        self._spare = (self._k, self._v)
+        self._k, self._v = new_k, new_v
 
 
 class MultiHeadAttention(nn.Module):
@@ -99,6 +113,28 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.record_weights = False
         self.weights: Tensor | None = None
+        # Set by split_projections() for inference: W_Q and [W_K; W_V] as Linear layers of their own.
+        self.q_proj: nn.Module | None = None
+        self.kv_proj: nn.Module | None = None
+
+    def split_projections(self) -> None:
+        """For encoder-decoder attention at inference: replace ``in_proj`` by two Linear layers,
+        ``q_proj`` (``W_Q``) and ``kv_proj`` (``[W_K; W_V]``), so that transforms that swap Linear
+        modules (weight packing, int8 quantization) reach the blocks it uses separately."""
+        d, weight, bias = self.d_model, self.in_proj.weight.detach(), self.in_proj.bias.detach()
+        for name, rows in (("q_proj", slice(0, d)), ("kv_proj", slice(d, 3 * d))):
+            linear = nn.Linear(d, rows.stop - rows.start, device=weight.device)
+            linear.weight = nn.Parameter(weight[rows], requires_grad=False)
+            linear.bias = nn.Parameter(bias[rows], requires_grad=False)
+            setattr(self, name, linear)
+        self.in_proj = None  # self-attention would need it: this module is encoder-decoder attention now
+
+    def _queries(self, x: Tensor) -> Tensor:
+        """Encoder-decoder attention's queries: ``x`` times the ``W_Q`` block only."""
+        if self.q_proj is not None:
+            return self.q_proj(x)
+        d = self.d_model
+        return F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d])
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """``(batch, len, d_model)`` -> ``(batch, heads, len, head_dim)``."""
@@ -108,7 +144,10 @@ class MultiHeadAttention(nn.Module):
     def project_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of ``memory`` ``(batch, src_len, d_model)``, each ``(batch, heads, src_len, head_dim)``."""
         d = self.d_model
-        kv = F.linear(memory, self.in_proj.weight[d:], self.in_proj.bias[d:])
+        if self.kv_proj is not None:
+            kv = self.kv_proj(memory)
+        else:
+            kv = F.linear(memory, self.in_proj.weight[d:], self.in_proj.bias[d:])
         k, v = kv.split(d, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
@@ -133,7 +172,7 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
-            q = self._split_heads(F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d]))
+            q = self._split_heads(self._queries(x))
             if cache is None:
                 k, v = self.project_keys_values(memory)
             else:

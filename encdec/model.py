@@ -54,6 +54,15 @@ class DecoderCache:
         for cache in self.self_attn + self.cross_attn:
             cache.reorder(index)
 
+    def fill_cross_attention(self, decoder: "Decoder", memory: Tensor) -> None:
+        """Compute every layer's encoder-decoder keys and values from ``memory`` ``(batch, src_len, d_model)``.
+
+        Done before :meth:`reorder` repeats rows for the beams, each sentence's keys and
+        values are computed once rather than once per beam.
+        """
+        for layer, cache in zip(decoder.layers, self.cross_attn):
+            cache.append(*layer.cross_attn.project_keys_values(memory))
+
     def reorder_self_attention(self, index: Tensor) -> None:
         """Reorder only the per-hypothesis part (rows moving among one sentence's beams)."""
         for cache in self.self_attn:
@@ -128,7 +137,10 @@ class Transformer(nn.Module):
         for Marian, whose start token *is* <pad>.
 
         With a cache, ``tgt`` holds only the new tokens (usually one per row)
-        and attends to the cached positions before them.
+        and attends to the cached positions before them. The encoder-decoder keys
+        and values come from ``memory`` on the first call, unless
+        :meth:`DecoderCache.fill_cross_attention` has filled them (then ``memory``
+        is not read).
         """
         past = len(cache) if cache is not None else 0
         tgt_len = tgt.size(1)

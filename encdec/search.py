@@ -40,15 +40,24 @@ def max_steps(src: Tensor, model: Transformer, max_len_ratio: float, max_len_ext
 
 
 class _Step:
-    """The encoder output, source mask and cache of the live rows, and one decoding step."""
+    """The source mask and cache of the live rows, and one decoding step.
+
+    The encoder-decoder keys and values are computed from the encoder output once
+    per sentence, then repeated for its ``repeat`` beams; the encoder output itself
+    is not read again.
+    """
 
     def __init__(self, model: Transformer, src: Tensor, repeat: int, steps: int) -> None:
         self.model = model
         src_mask = padding_mask(src, model.cfg.pad_id)
-        memory = model.encode(src, src_mask)
-        self.memory = memory.repeat_interleave(repeat, dim=0)
-        self.src_mask = src_mask.repeat_interleave(repeat, dim=0)
+        self.memory = model.encode(src, src_mask)
         self.cache: DecoderCache = model.new_cache(capacity=steps)
+        self.cache.fill_cross_attention(model.decoder, self.memory)
+        if repeat > 1:
+            rows = torch.arange(src.size(0), device=src.device).repeat_interleave(repeat)
+            self.cache.reorder(rows)
+            src_mask = src_mask.index_select(0, rows)
+        self.src_mask = src_mask
 
     def logits(self, last: Tensor) -> Tensor:
         """Next-token logits ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
@@ -68,7 +77,6 @@ class _Step:
         if same_sentences:
             self.cache.reorder_self_attention(rows)
             return
-        self.memory = self.memory.index_select(0, rows)
         self.src_mask = self.src_mask.index_select(0, rows)
         self.cache.reorder(rows)
 
@@ -79,23 +87,24 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     """The most probable next token at each step. ``src`` ``(batch, src_len)`` -> token ids per sentence."""
     cfg = model.cfg
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
-    step = _Step(model, src, repeat=1, steps=int(limit.max()))
+    steps = int(limit.max())
+    step = _Step(model, src, repeat=1, steps=steps)
     alive = torch.arange(src.size(0))  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long)
-    outputs: list[list[int]] = [[] for _ in range(src.size(0))]
-    for t in range(1, int(limit.max()) + 1):
+    out = torch.full((src.size(0), steps), -1, dtype=torch.long)  # -1: nothing (ended)
+    for t in range(1, steps + 1):
         last = step.logits(last).argmax(-1)  # the argmax of the logits is that of the probabilities
         # The length limit counts the end token, as in beam search.
         done = (last == cfg.eos_id) | (limit[alive] <= t)
-        for row in (~done).nonzero().squeeze(1).tolist():
-            outputs[int(alive[row])].append(int(last[row]))
-        if done.all():
+        out[alive, t - 1] = last.masked_fill(done, -1)
+        n_done = int(done.sum())
+        if n_done == alive.numel():
             break
-        if done.any():
+        if n_done:
             rows = (~done).nonzero().squeeze(1)
             step.keep(rows)
             alive, last = alive[rows], last[rows]
-    return outputs
+    return [row[: row.index(-1)] if -1 in row else row for row in out.tolist()]
 
 
 @torch.inference_mode()

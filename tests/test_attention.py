@@ -87,3 +87,20 @@ def test_self_attention_cache_grows_in_place_or_by_reallocation(capacity):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
     cache.reorder(torch.tensor([1, 1]))
     torch.testing.assert_close(cache.k[0], cache.k[1])
+
+
+@pytest.mark.parametrize("capacity", [0, 3, 16])
+def test_cache_reorders_like_indexing_through_growth_and_pruning(capacity):
+    """Beam search's pattern: append, reorder (with repeats), prune rows. The preallocated cache
+    swaps two buffers (and grows past its capacity of 3) and must still equal plain indexing."""
+    g = torch.Generator().manual_seed(0)
+    cache, k_ref, v_ref, rows = KVCache(capacity), None, None, 4
+    for step, index in enumerate([[0, 0, 1, 2], [3, 1, 1, 0], [2, 0], [1, 1], [0]]):
+        k, v = torch.randn(2, rows, 2, 1, 3, generator=g).unbind(0)
+        cache.append(k, v)
+        k_ref = k if k_ref is None else torch.cat([k_ref, k], 2)
+        v_ref = v if v_ref is None else torch.cat([v_ref, v], 2)
+        index = torch.tensor(index)
+        cache.reorder(index)
+        k_ref, v_ref, rows = k_ref[index], v_ref[index], len(index)
+        assert torch.equal(cache.k, k_ref) and torch.equal(cache.v, v_ref), f"step {step}"

@@ -1,0 +1,88 @@
+"""Fast CPU inference: Linear layers swapped for pre-packed float32 or int8 versions.
+
+Decoding multiplies a few rows (one per live hypothesis) by every weight matrix
+at each step, so its speed is set by how the matrix products read the weights.
+:func:`prepare_for_cpu` returns an inference-only copy of a model whose Linear
+layers (attention projections, feed-forward, output layer) are replaced by
+
+- :class:`PackedLinear`: float32 weights reordered once into oneDNN's blocked
+  layout (measured 1.3-2.7x faster than ``F.linear`` for decoding's shapes on
+  this project's 2-core CPU; same results up to float rounding), or
+- with ``int8=True``, int8 dynamic quantization: int8 weights with one scale per
+  output row, activations quantized per call from their observed range (so
+  results depend slightly on what else is in the batch), int8 products via
+  fbgemm. A quarter of the weight memory and about 2x faster again.
+
+Embeddings, layer norm and softmax stay float32.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .model import Transformer
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` stored in oneDNN's blocked layout for CPU matrix products.
+
+    Inference only (no gradients, not saved). ``rows_hint`` is the number of input
+    rows the layout is tuned for; any number of rows and leading dimensions work.
+    """
+
+    def __init__(self, linear: nn.Linear, rows_hint: int = 32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in_features)`` -> ``(..., out_features)``."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _quantize_int8(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # torch.ao's eager-mode quantization is marked deprecated in favour of torchao, but it is
+        # what torch 2.13 ships for int8 CPU matmuls, and the pinned torch keeps it.
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def _pack(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, PackedLinear(child))
+        else:
+            _pack(child)
+
+
+def prepare_for_cpu(model: Transformer, int8: bool = False) -> Transformer:
+    """An inference-only copy of ``model`` with packed float32 (or int8, ``int8=True``) Linear layers.
+
+    The model must be on the CPU. Without oneDNN (an unusual PyTorch build) the
+    float32 copy keeps plain Linear layers.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("CPU inference preparation needs the model on the CPU; load it with device='cpu'")
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.decoder.layers:
+        layer.cross_attn.split_projections()  # so its W_Q and [W_K; W_V] blocks are swapped too
+    if int8:
+        return _quantize_int8(model)
+    if onednn_available():
+        _pack(model)
+    return model

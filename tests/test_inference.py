@@ -1,0 +1,67 @@
+"""CPU inference copies: packed float32 weights give the float model's results; int8 dynamic
+quantization converts every Linear layer and stays close to the float model."""
+import pytest
+import torch
+from torch import nn
+
+from encdec.inference import PackedLinear, onednn_available, prepare_for_cpu
+from encdec.search import beam_search, greedy_search
+
+from conftest import random_batch, tiny_model
+
+
+def test_split_projections_change_nothing():
+    model = tiny_model()
+    src, tgt = random_batch(model.cfg)
+    before = model(src, tgt)
+    for layer in model.decoder.layers:
+        weight = layer.cross_attn.in_proj.weight
+        layer.cross_attn.split_projections()
+        assert layer.cross_attn.q_proj.weight.data_ptr() == weight.data_ptr(), "a view, not a copy"
+    assert torch.equal(model(src, tgt), before)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_packed_float32_model_gives_the_same_results():
+    model = tiny_model(d_model=48, heads=4, ff=96, src_vocab_size=40, tgt_vocab_size=37)
+    packed = prepare_for_cpu(model)
+    assert not [name for name, m in packed.named_modules() if type(m) is nn.Linear]
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 2 * 7 + 1
+    src, tgt = random_batch(model.cfg, batch=5, src_len=9, tgt_len=8)
+    src[1, 6:] = model.cfg.pad_id
+    with torch.no_grad():
+        torch.testing.assert_close(packed(src, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
+    assert greedy_search(packed, src, max_len_extra=12) == greedy_search(model, src, max_len_extra=12)
+    beams = [[h.tokens for h in hyps] for hyps in beam_search(packed, src, beam_size=3, n_best=3, max_len_extra=12)]
+    assert beams == [[h.tokens for h in hyps] for hyps in beam_search(model, src, beam_size=3, n_best=3,
+                                                                       max_len_extra=12)]
+
+
+def test_every_linear_is_quantized_and_the_float_model_is_kept():
+    model = tiny_model()
+    quantized = prepare_for_cpu(model, int8=True)
+    assert not [name for name, m in quantized.named_modules() if type(m) is nn.Linear]
+    int8 = [m for m in quantized.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    # per layer: in_proj (q_proj and kv_proj for encoder-decoder attention) and out_proj per attention,
+    # w_1 and w_2; plus the output layer
+    cfg = model.cfg
+    assert len(int8) == cfg.encoder_layers * 4 + cfg.decoder_layers * 7 + 1
+    assert all(type(m) is nn.Linear for m in (model.output, model.encoder.layers[0].feed_forward.w_1))
+
+
+def test_int8_predictions_stay_close_to_float():
+    model = tiny_model(d_model=64, ff=128, src_vocab_size=50, tgt_vocab_size=50)
+    src, tgt = random_batch(model.cfg, batch=8, src_len=12, tgt_len=10)
+    with torch.no_grad():
+        reference, quantized = model(src, tgt), prepare_for_cpu(model, int8=True)(src, tgt)
+    error = (quantized - reference).abs().max()
+    assert error < 0.1 * reference.std(), f"int8 log-probs off by {error:.4f}"
+    agree = (quantized.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree > 0.9, f"int8 and float32 agree on only {agree:.0%} of next-token predictions"
+
+
+def test_int8_search_beam_1_equals_greedy():
+    quantized = prepare_for_cpu(tiny_model(), int8=True)
+    src, _ = random_batch(quantized.cfg, batch=4)
+    greedy = greedy_search(quantized, src, max_len_extra=8)
+    assert [h[0].tokens for h in beam_search(quantized, src, beam_size=1, alpha=0.0, max_len_extra=8)] == greedy
