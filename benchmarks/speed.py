@@ -291,11 +291,10 @@ def decoder(system: str, c: dict, folder: Path):
     pad, eos = c["vocab"] - 1, 0
     if system in ("encdec", "encdec-int8"):
         from encdec.marian import load_marian
-        from encdec.quantize import quantize_int8
+        from encdec.inference import prepare_for_cpu
         from encdec.search import beam_search, greedy_search
-        model = load_marian(folder / "hf")
-        if system == "encdec-int8":
-            model = quantize_int8(model)
+        # what encdec.load does on a CPU: packed float32 weights, or int8
+        model = prepare_for_cpu(load_marian(folder / "hf"), int8=system == "encdec-int8")
 
         def run(src, beam):
             ids = pad_rows(src, pad)

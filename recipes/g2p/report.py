@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from encdec import load  # noqa: E402
+from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.g2p.prepare import load_references  # noqa: E402
@@ -21,10 +22,10 @@ PUBLISHED = [("Bidirectional LSTM (Yao & Zweig 2015)", 23.55, 5.45),
              ("Attention encoder-decoder ensemble (Toshniwal & Livescu 2016)", 20.24, 4.69)]
 
 
-def score(model_dir: Path, refs_path: Path, beam: int) -> tuple[float, float, float, int]:
+def score(model_dir: Path, refs_path: Path, beam: int, int8: bool = False) -> tuple[float, float, float, int]:
     references = load_references(refs_path)
     words = list(references)
-    translator = load(model_dir)
+    translator = load(model_dir, int8=int8)
     start = time.perf_counter()
     outputs = translator.translate(words, beam=beam, alpha=0.0)
     seconds = time.perf_counter() - start
@@ -43,12 +44,14 @@ def main() -> None:
 
     dev_wer, dev_per, _, _ = score(args.model, args.data / "dev.refs.tsv", args.beam)
     wer, per, seconds, n = score(args.model, args.data / "test.refs.tsv", args.beam)
+    wer8, per8, seconds8, _ = score(args.model, args.data / "test.refs.tsv", args.beam, int8=True)
     log = read_log(args.run)
     weights = args.model / "model.safetensors"
-    params = load(args.model).model.num_parameters()
+    params = load_model_folder(args.model)[0].num_parameters()
     curve = plot_training(args.run, args.out.with_name("g2p-training.png"), metric="wer")
     rows = [f"| {name} | {w:.2f} | {p:.2f} |" for name, w, p in PUBLISHED]
     rows.append(f"| **encdec Transformer, one model, beam {args.beam}** | **{wer:.2f}** | **{per:.2f}** |")
+    rows.append(f"| the same model decoded in int8 (`--int8`) | {wer8:.2f} | {per8:.2f} |")
     text = f"""# CMUdict grapheme-to-phoneme (0.7b test split: {n} words)
 
 Word error rate (a word is right if it equals any of its reference pronunciations) and
@@ -62,7 +65,8 @@ phoneme error rate (edit distance to the closest reference / its length), in per
 - Training: {log[-1]['step']} steps, {log[-1]['elapsed_s'] / 60:.1f} minutes of training on this machine's 2 CPU cores
   (model selected by dev WER at step {min(log, key=lambda r: r['wer'])['step']}).
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
-- Decoding the test set: {seconds:.1f} s ({n / seconds:.0f} words/s, beam {args.beam}).
+- Decoding the test set: {seconds:.1f} s ({n / seconds:.0f} words/s, beam {args.beam}); in int8
+  {seconds8:.1f} s ({n / seconds8:.0f} words/s).
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/g2p/run.sh` (prepare, train with `recipes/g2p/config.yaml`, then

@@ -1,0 +1,32 @@
+"""The shipped CMUdict G2P model (``models/g2p-en``): ``encdec g2p`` answers with it, and it keeps
+its measured accuracy on a slice of the standard 0.7b test split. A regression guard, not the
+headline: ``benchmarks/results/g2p.md`` has the full test-set figures."""
+
+from encdec import load
+from encdec.cli import G2P_MODEL
+from encdec.metrics import symbol_error_rate, word_error_rate
+from recipes.g2p.prepare import read_test_set
+
+from test_cli import run_cli
+
+ARPABET = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W "
+              "Y Z ZH".split())
+
+
+def test_g2p_verb_uses_the_shipped_model():
+    result = run_cli("g2p", "hello", "Transformer")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [word for word, _ in lines] == ["hello", "Transformer"]
+    assert all(phonemes and set(phonemes.split()) <= ARPABET for _, phonemes in lines), lines
+
+
+def test_shipped_model_keeps_its_accuracy_on_the_test_split():
+    lexicon = read_test_set()
+    words = sorted(lexicon)[::40]  # 300 words spread over the alphabet
+    outputs = load(G2P_MODEL).translate(words, beam=5, alpha=0.0)
+    references = [lexicon[w] for w in words]
+    wer, per = word_error_rate(outputs, references), symbol_error_rate(outputs, references)
+    # The shipped (float16) weights measured 32.67 / 7.48 on this slice (31.91 / 7.84 on the whole
+    # test split); the bounds leave room for float rounding, and fail on a broken or worse model.
+    assert wer <= 36.0 and per <= 8.5, f"WER {wer:.2f}, PER {per:.2f}"
