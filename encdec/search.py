@@ -89,9 +89,10 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
     steps = int(limit.max())
     step = _Step(model, src, repeat=1, steps=steps)
-    alive = torch.arange(src.size(0))  # which sentence each live row is
-    last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long)
-    out = torch.full((src.size(0), steps), -1, dtype=torch.long)  # -1: nothing (ended)
+    device = src.device
+    alive = torch.arange(src.size(0), device=device)  # which sentence each live row is
+    last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
+    out = torch.full((src.size(0), steps), -1, dtype=torch.long, device=device)  # -1: nothing (ended)
     for t in range(1, steps + 1):
         last = step.logits(last).argmax(-1)  # the argmax of the logits is that of the probabilities
         # The length limit counts the end token, as in beam search.
@@ -125,10 +126,10 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
     cfg, k = model.cfg, beam_size
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
     step = _Step(model, src, repeat=k, steps=int(limit.max()))
-    batch = src.size(0)
-    alive = torch.arange(batch)
-    tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long)
-    scores = torch.full((batch, k), float("-inf"))
+    batch, device = src.size(0), src.device
+    alive = torch.arange(batch, device=device)
+    tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for t in range(1, int(limit.max()) + 1):
@@ -152,9 +153,9 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
                 finished[sentence].append(Hypothesis(tokens[row, 1:].tolist(), float(top_scores[i, j]) / penalty))
         # The best k candidates that do not end go on, for the sentences not yet done.
         go_scores, go_rank = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
-        rows = torch.arange(n)[:, None] * k + top_beam.gather(1, go_rank)
+        rows = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, go_rank)
         next_token = top_token.gather(1, go_rank)
-        done = torch.tensor([len(finished[s]) >= k for s in alive.tolist()]) | (limit[alive] <= t)
+        done = torch.tensor([len(finished[s]) >= k for s in alive.tolist()], device=device) | (limit[alive] <= t)
         if done.all():
             break
         keep = (~done).nonzero().squeeze(1)
