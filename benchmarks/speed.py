@@ -294,7 +294,7 @@ def decoder(system: str, c: dict, folder: Path):
         from encdec.inference import prepare_for_cpu
         from encdec.search import beam_search, greedy_search
         # what encdec.load does on a CPU: packed float32 weights, or int8
-        model = prepare_for_cpu(load_marian(folder / "hf"), int8=system == "encdec-int8")
+        model = prepare_for_cpu(load_marian(folder / "hf"), int8=system == "encdec-int8", inplace=True)
 
         def run(src, beam):
             ids = pad_rows(src, pad)

@@ -57,7 +57,8 @@ def _quantize_int8(model: nn.Module) -> nn.Module:
         # what torch 2.13 ships for int8 CPU matmuls, and the pinned torch keeps it.
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        # In place: prepare_for_cpu already holds a copy (or was told it may convert the original)
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def _pack(module: nn.Module) -> None:
@@ -68,15 +69,16 @@ def _pack(module: nn.Module) -> None:
             _pack(child)
 
 
-def prepare_for_cpu(model: Transformer, int8: bool = False) -> Transformer:
+def prepare_for_cpu(model: Transformer, int8: bool = False, inplace: bool = False) -> Transformer:
     """An inference-only copy of ``model`` with packed float32 (or int8, ``int8=True``) Linear layers.
 
-    The model must be on the CPU. Without oneDNN (an unusual PyTorch build) the
-    float32 copy keeps plain Linear layers.
+    The model must be on the CPU. ``inplace`` converts ``model`` itself instead of a
+    copy (for a caller that has no other use for it). Without oneDNN (an unusual
+    PyTorch build) the float32 version keeps plain Linear layers.
     """
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("CPU inference preparation needs the model on the CPU; load it with device='cpu'")
-    model = copy.deepcopy(model).eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.decoder.layers:

@@ -106,7 +106,7 @@ def load(folder: str | Path, device: str = "cpu", int8: bool = False) -> Transla
     """
     model, src_tok, tgt_tok, _ = load_model_folder(folder)
     if torch.device(device).type == "cpu":
-        model = prepare_for_cpu(model, int8)
+        model = prepare_for_cpu(model, int8, inplace=True)  # the loaded float model is not kept
     elif int8:
         raise ValueError("int8 decoding runs on the CPU only; drop --int8 or use --device cpu")
     return Translator(model.to(device), src_tok, tgt_tok)
