@@ -107,14 +107,23 @@ def marian_config(c: dict, **options):
         decoder_ffn_dim=c["ff"], max_position_embeddings=512, scale_embedding=True, **options)
 
 
-def train_system(name: str, c: dict, pairs):
+def train_system(name: str, c: dict, pairs, ranks: int = 1):
     """(model, batches, step) for one system; ``step(indices)`` trains on a batch and returns
-    (real target tokens, padded target positions)."""
+    (real target tokens, padded target positions).
+
+    ``ranks > 1`` (encdec only, inside an initialised process group): what ``torchrun -m encdec --
+    train`` does. Each rank takes every ``ranks``-th sentence of the global batch, DDP averages the
+    gradients, and the loss is normalised by the real tokens of the whole global batch.
+    """
     import torch
+    import torch.distributed as dist
     import torch.nn.functional as F
     from encdec.data import collate
+    if ranks > 1 and name != "encdec":
+        raise ValueError(f"{name}: only encdec is measured in several processes")
     pad, bos, eos = 0, 1, 2
-    batch = lambda idx: collate([pairs[i] for i in idx], pad, bos, eos)  # noqa: E731
+    rank = dist.get_rank() if ranks > 1 else 0
+    batch = lambda idx: collate([pairs[i] for i in idx[rank::ranks]], pad, bos, eos)  # noqa: E731
     if name == "encdec":
         from encdec import ModelConfig, build_model
         from encdec.data import token_batches
@@ -122,11 +131,13 @@ def train_system(name: str, c: dict, pairs):
         model = build_model(ModelConfig(c["vocab"], c["vocab"], c["d"], c["heads"], c["ff"], c["layers"], c["layers"],
                                         share_embeddings=True, tie_output=True), seed=1)
         loss_fn = TranslationLoss(model, SMOOTHING)
+        if ranks > 1:
+            loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, broadcast_buffers=False)
         lengths = [np.array([len(p[k]) + 1 for p in pairs]) for k in (0, 1)]  # + EOS / BOS, as collate adds
         batches = token_batches(*lengths, MAX_TOKENS, seed=1, epoch=0)
 
         def loss_of(b):  # the trainer's normalisation: summed loss over real tokens / their count
-            return loss_fn(b.src, b.tgt_in, b.tgt_out) / b.n_tgt_tokens
+            return loss_fn(b.src, b.tgt_in, b.tgt_out) * ranks / global_sum(b.n_tgt_tokens)
     elif name == "torch":
         from encdec.embeddings import sinusoids
         torch.manual_seed(1)
@@ -169,16 +180,31 @@ def train_system(name: str, c: dict, pairs):
         loss_of(b).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return b.n_tgt_tokens, b.tgt_out.numel()
+        return global_sum(b.n_tgt_tokens), global_sum(b.tgt_out.numel())
+
+    def global_sum(x: float) -> float:  # over the ranks (as encdec's trainer counts a global batch's tokens)
+        if ranks == 1:
+            return x
+        total = torch.tensor([float(x)])
+        dist.all_reduce(total)
+        return float(total)
     return model, batches, step
 
 
 def worker_train(spec: dict) -> dict:
-    """Tokens/s of one system: ``warmup`` untimed steps, then up to ``steps`` (at least 2) within ``budget_s``."""
+    """Tokens/s of one system: ``warmup`` untimed steps, then up to ``steps`` (at least 2) within ``budget_s``.
+
+    Under torchrun (``spec["ranks"] > 1``) every rank runs this with its share of the threads; the
+    token counts and peak RSS are summed over the ranks.
+    """
     import torch
-    torch.set_num_threads(THREADS)
+    import torch.distributed as dist
+    ranks = spec.get("ranks", 1)
+    if ranks > 1:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(max(1, THREADS // ranks))
     c = CONFIGS[spec["config"]]
-    model, batches, step = train_system(spec["system"], c, make_pairs(4000, 3, c["vocab"]))
+    model, batches, step = train_system(spec["system"], c, make_pairs(4000, 3, c["vocab"]), ranks)
     for idx in batches[:spec["warmup"]]:
         step(idx)
     real = padded = done = 0
@@ -186,12 +212,20 @@ def worker_train(spec: dict) -> dict:
     for idx in batches[spec["warmup"]:spec["warmup"] + spec["steps"]]:
         r, p = step(idx)
         real, padded, done = real + r, padded + p, done + 1
-        if done >= 2 and time.perf_counter() - start > spec["budget_s"]:
+        # every rank must take the same decision, so rank 0's clock decides for all
+        over = torch.tensor([float(done >= 2 and time.perf_counter() - start > spec["budget_s"])])
+        if ranks > 1:
+            dist.broadcast(over, 0)
+        if over.item():
             break
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # tied weights count once
+    rss = torch.tensor([max_rss_mib()])
+    if ranks > 1:
+        dist.all_reduce(rss)
+        dist.destroy_process_group()
     return {"params": params, "steps": done, "step_s": seconds / done, "tokens_per_step": real / done,
-            "real_fraction": real / padded, "tokens_per_s": real / seconds, "max_rss_mib": max_rss_mib()}
+            "real_fraction": real / padded, "tokens_per_s": real / seconds, "max_rss_mib": float(rss)}
 
 
 def max_rss_mib() -> float:
@@ -356,9 +390,14 @@ def worker_decode(spec: dict) -> dict:
 # --- driver -----------------------------------------------------------------------------------
 
 def in_subprocess(kind: str, spec: dict, timeout: float = 900) -> dict:
-    """Run ``worker_<kind>(spec)`` in a fresh interpreter and return its result."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], env=env,
+    """Run ``worker_<kind>(spec)`` in a fresh interpreter (``spec["ranks"]`` of them under torchrun,
+    sharing the threads) and return its (rank 0's) result."""
+    ranks = spec.get("ranks", 1)
+    threads = str(max(1, THREADS // ranks))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    proc = subprocess.run([*launcher, __file__, "--worker", kind, json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not lines:
@@ -424,7 +463,9 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(RESULT + json.dumps(globals()[f"worker_{args.worker[0]}"](json.loads(args.worker[1]))), flush=True)
+        result = globals()[f"worker_{args.worker[0]}"](json.loads(args.worker[1]))
+        if os.environ.get("RANK", "0") == "0":
+            print(RESULT + json.dumps(result), flush=True)
         return
     THREADS = args.threads
     os.environ["SPEED_THREADS"] = str(THREADS)  # for the workers
@@ -453,10 +494,15 @@ def main() -> None:
             spec = {"config": name, "steps": steps, "warmup": warmup, "budget_s": budget}
             rows = results["train"][name] = {s: in_subprocess("train", {**spec, "system": s})
                                              for s in ("encdec", "torch", "hf")}
+            if THREADS > 1:  # torchrun -m encdec -- train: one process per thread
+                rows[f"encdec, {THREADS} processes"] = in_subprocess(
+                    "train", {**spec, "system": "encdec", "ranks": THREADS})
             lines += [f"## Training, {title}", "",
                       "encdec: length-bucketed batches of <= 4096 padded tokens, label-smoothed loss over real tokens "
                       "only. torch (nn.Transformer) and hf (MarianMTModel): random batches of a fixed sentence "
-                      "count (~4096 padded tokens), loss over every position. Adam. tokens/s counts real (non-pad) "
+                      "count (~4096 padded tokens), loss over every position. `encdec, N processes`: encdec's step as "
+                      "`torchrun -m encdec -- train` runs it, N processes of one thread, each with every N-th "
+                      "sentence of the batch, DDP over gloo (RSS summed). Adam. tokens/s counts real (non-pad) "
                       f"target tokens; {warmup} warm-up steps, then up to {steps} steps or {budget} s.", "",
                       *train_table(rows, peak), ""]
         if args.only != "train":
