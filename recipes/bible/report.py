@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -74,7 +75,7 @@ def main() -> None:
 - Training: {log[-1]["step"]} steps, {log[-1]["elapsed_s"] / 60:.1f} minutes wall time, {threads} CPU thread(s)
   on this 2-core machine, from scratch.
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
-- Decoding the test set: {seconds:.0f} s in float32, {seconds8:.0f} s in int8 (beam {args.beam}, {threads} thread(s)).
+- Decoding the test set: {seconds:.0f} s in float32, {seconds8:.0f} s in int8 (beam {args.beam}, {torch.get_num_threads()} thread(s)).
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/bible/run.sh {args.src} {args.tgt}{extra}`.
