@@ -85,12 +85,13 @@ def pad_rows(rows: list[list[int]], pad: int):
 # --- workers (each runs in its own process) ---------------------------------------------------
 
 def worker_peak(spec: dict) -> dict:
-    """fp32 matmul GFLOP/s: the best of a few large square products (the MFU denominator)."""
+    """Matmul GFLOP/s in ``spec["dtype"]`` (float32 or bfloat16): the best of a few large square
+    products (the MFU denominator)."""
     import torch
     torch.set_num_threads(THREADS)
-    best = 0.0
+    best, dtype = 0.0, getattr(torch, spec.get("dtype", "float32"))
     for n in spec["sizes"]:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # first call allocates and warms the BLAS thread pool
         for _ in range(spec["repeats"]):
             start = time.perf_counter()
@@ -121,6 +122,7 @@ def train_system(name: str, c: dict, pairs, ranks: int = 1):
     from encdec.data import collate
     if ranks > 1 and name != "encdec":
         raise ValueError(f"{name}: only encdec is measured in several processes")
+    name, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")  # -bf16: the same step under bf16 autocast
     pad, bos, eos = 0, 1, 2
     rank = dist.get_rank() if ranks > 1 else 0
     batch = lambda idx: collate([pairs[i] for i in idx[rank::ranks]], pad, bos, eos)  # noqa: E731
@@ -177,7 +179,9 @@ def train_system(name: str, c: dict, pairs, ranks: int = 1):
 
     def step(idx):
         b = batch(idx)
-        loss_of(b).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(b)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return global_sum(b.n_tgt_tokens), global_sum(b.tgt_out.numel())
@@ -417,14 +421,17 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def train_table(rows: dict, peak: float) -> list[str]:
+def train_table(rows: dict, peak: float, peak_bf16: float) -> list[str]:
+    """One row a system; bf16 rows' MFU is against the bf16 peak and their ratio against encdec-bf16."""
     out = ["| system | params | steps | real tgt tokens/step | real/padded | tokens/s | MFU | peak RSS MiB "
-           "| encdec / system |", "|---|---|---|---|---|---|---|---|---|"]
+           "| encdec / system (same precision) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        mfu = 6 * r["params"] * r["tokens_per_s"] / (peak * 1e9)
+        bf16 = name.endswith("-bf16")
+        mfu = 6 * r["params"] * r["tokens_per_s"] / ((peak_bf16 if bf16 else peak) * 1e9)
+        ours = rows["encdec-bf16" if bf16 else "encdec"]
         out.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['tokens_per_step']:.0f} | "
                    f"{r['real_fraction']:.0%} | {r['tokens_per_s']:.0f} | {mfu:.1%} | {r['max_rss_mib']:.0f} | "
-                   f"{ratio(rows['encdec']['tokens_per_s'], r['tokens_per_s'])} |")
+                   f"{ratio(ours['tokens_per_s'], r['tokens_per_s'])} |")
     return out
 
 
@@ -475,15 +482,23 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / ("speed-quick" if args.quick else "speed")
     info = machine_info("python " + " ".join(shlex.quote(a) for a in sys.argv))
     print(f"{info['cpu']}, {THREADS} threads; measuring matmul peak", file=sys.stderr)
-    peak = in_subprocess("peak", {"sizes": [2048] if args.quick else [2048, 3072], "repeats": 5})["gflops"]
-    results: dict = {"machine": info, "peak_gflops": peak, "train": {}, "decode": {}}
+    sizes = [2048] if args.quick else [2048, 3072]
+    peak = in_subprocess("peak", {"sizes": sizes, "repeats": 5})["gflops"]
+    # bf16 rows where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16); emulated bf16 is slow
+    from encdec.train import bf16_is_native
+    import torch
+    bf16 = bf16_is_native(torch.device("cpu"))
+    peak_bf16 = in_subprocess("peak", {"sizes": sizes, "repeats": 5, "dtype": "bfloat16"})["gflops"] if bf16 else 0.0
+    results: dict = {"machine": info, "peak_gflops": peak, "peak_bf16_gflops": peak_bf16, "train": {}, "decode": {}}
     lines = ["# encdec speed", "", f"`{info['command']}` on {info['date']}", "",
              f"- CPU: {info['cpu']} ({info['cores']} cores), {THREADS} threads everywhere; load average at start "
              f"{info['load_average_at_start']:.1f} (well above 0 means something else was running: PyTorch's "
              "thread pool then slows down many times over, so such numbers are not comparable)",
              f"- Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
              f"ctranslate2 {info['ctranslate2']}",
-             f"- fp32 matmul peak: {peak:.0f} GFLOP/s; MFU = 6 x params x real target tokens/s / peak",
+             f"- matmul peak: {peak:.0f} GFLOP/s in float32, "
+             + (f"{peak_bf16:.0f} GFLOP/s in bf16" if bf16 else "no native bf16 (no bf16 rows)")
+             + "; MFU = 6 x params x real target tokens/s / the peak of the row's precision",
              "- encdec / system: encdec's tokens/s divided by the system's (> 1: encdec is faster)", ""]
     for name in configs:
         c = CONFIGS[name]
@@ -492,8 +507,8 @@ def main() -> None:
         if args.only != "decode":
             print(f"training {name}", file=sys.stderr)
             spec = {"config": name, "steps": steps, "warmup": warmup, "budget_s": budget}
-            rows = results["train"][name] = {s: in_subprocess("train", {**spec, "system": s})
-                                             for s in ("encdec", "torch", "hf")}
+            systems = ("encdec", "torch", "hf") + (("encdec-bf16", "hf-bf16") if bf16 else ())
+            rows = results["train"][name] = {s: in_subprocess("train", {**spec, "system": s}) for s in systems}
             if THREADS > 1:  # torchrun -m encdec -- train: one process per thread
                 rows[f"encdec, {THREADS} processes"] = in_subprocess(
                     "train", {**spec, "system": "encdec", "ranks": THREADS})
@@ -502,9 +517,11 @@ def main() -> None:
                       "only. torch (nn.Transformer) and hf (MarianMTModel): random batches of a fixed sentence "
                       "count (~4096 padded tokens), loss over every position. `encdec, N processes`: encdec's step as "
                       "`torchrun -m encdec -- train` runs it, N processes of one thread, each with every N-th "
-                      "sentence of the batch, DDP over gloo (RSS summed). Adam. tokens/s counts real (non-pad) "
+                      "sentence of the batch, DDP over gloo (RSS summed). `-bf16`: the same step under "
+                      "`torch.autocast` bf16 (what `train.precision: bf16` and HF's `bf16=True` do). Adam. "
+                      "tokens/s counts real (non-pad) "
                       f"target tokens; {warmup} warm-up steps, then up to {steps} steps or {budget} s.", "",
-                      *train_table(rows, peak), ""]
+                      *train_table(rows, peak, peak_bf16), ""]
         if args.only != "train":
             print(f"decoding {name}", file=sys.stderr)
             with tempfile.TemporaryDirectory() as folder:

@@ -152,12 +152,19 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation: Adam with warmup and inverse-square-root decay, label smoothing, clipping."""
+    """The optimisation: Adam with warmup and a decay schedule, label smoothing, clipping.
+
+    ``schedule``: ``inverse_sqrt`` (the paper's) decays as 1/sqrt(step) forever; ``cosine`` and
+    ``linear`` decay to zero at the end of the budget, the first of ``max_steps`` and
+    ``max_minutes`` (of training time, checkpointed, so a resumed run continues the same curve).
+    A run cut short by a time budget ends annealed instead of mid-way at a high learning rate.
+    """
 
     max_tokens: int = 4096  # per batch, padding included, summed over ranks
     accumulate: int = 1  # batches per optimizer step
     lr: float = 7e-4  # peak learning rate, reached after `warmup` steps
     warmup: int = 4000
+    schedule: str = "inverse_sqrt"
     betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
@@ -175,15 +182,17 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"
     threads: int = 0  # torch threads on CPU; 0: all cores
-    precision: str = "fp32"  # or bf16 (autocast)
+    precision: str = "fp32"  # bf16: autocast; auto: bf16 where the hardware has it (AMX/AVX512-BF16 CPUs, Ampere+ GPUs)
 
     METRICS = ("bleu", "chrf", "wer", "per", "exact", "loss")
+    SCHEDULES = ("inverse_sqrt", "cosine", "linear")
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "max_tokens", "accumulate", "lr", "max_steps", "validate_every", "log_every",
                         "beam", "keep_checkpoints")
         _check_choice("train", "metric", self.metric, self.METRICS)
-        _check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        _check_choice("train", "precision", self.precision, ("fp32", "bf16", "auto"))
+        _check_choice("train", "schedule", self.schedule, self.SCHEDULES)
         _check_probability("train", self, "label_smoothing")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas: expected two numbers like [0.9, 0.98], got {self.betas!r}")

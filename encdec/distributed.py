@@ -76,13 +76,14 @@ class Context:
         dist.all_reduce(t)
         return float(t.item())
 
-    def broadcast(self, value: int) -> int:
-        """Rank 0's ``value`` on every rank (e.g. a stop decision)."""
+    def broadcast(self, value: int | float) -> int | float:
+        """Rank 0's ``value`` on every rank (e.g. a stop decision, rank 0's clock); keeps int or float."""
         if not self.distributed:
             return value
-        t = self._tensor(value, torch.long)
+        kind = float if isinstance(value, float) else int
+        t = self._tensor(value, torch.float64 if kind is float else torch.long)
         dist.broadcast(t, src=0)
-        return int(t.item())
+        return kind(t.item())
 
     def check_same(self, value: int, what: str) -> None:
         """Raise ``ValueError`` on every rank unless all ranks hold the same ``value``."""

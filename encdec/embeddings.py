@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .layers import Dropout
+
 
 class Embeddings(nn.Module):
     """Token ids ``(batch, len)`` -> vectors ``(batch, len, d_model)``, times ``sqrt(d_model)``.
@@ -60,7 +62,7 @@ class PositionalEncoding(nn.Module):
                  layout: str = "interleaved") -> None:
         super().__init__()
         self.max_len = max_len
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         if kind == "sinusoidal":
             self.register_buffer("table", sinusoids(max_len, d_model, layout), persistent=False)
         elif kind == "learned":

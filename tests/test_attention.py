@@ -104,3 +104,17 @@ def test_cache_reorders_like_indexing_through_growth_and_pruning(capacity):
         cache.reorder(index)
         k_ref, v_ref, rows = k_ref[index], v_ref[index], len(index)
         assert torch.equal(cache.k, k_ref) and torch.equal(cache.v, v_ref), f"step {step}"
+
+
+def test_bf16_autocast_attention_is_close_to_float32_and_stays_bf16():
+    """Under CPU autocast, attention itself runs in float32 (faster backward); the output dtype is kept."""
+    attn = MultiHeadAttention(32, 4).train()
+    x = torch.randn(3, 6, 32, requires_grad=True)
+    mask = subsequent_mask(6)
+    want = attn(x, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x, mask=mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    got.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

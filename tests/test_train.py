@@ -7,7 +7,7 @@ import torch
 
 from encdec.checkpoint import atomic_folder, average_checkpoints, load_model_folder
 from encdec.config import RunConfig, from_dict
-from encdec.train import Trainer, TranslationLoss, inverse_sqrt_lr
+from encdec.train import Trainer, TranslationLoss, inverse_sqrt_lr, learning_rate
 from encdec.translator import load
 
 from conftest import random_batch, tiny_model
@@ -41,6 +41,31 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(400, 1.0, 100) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_budget_schedules_warm_up_then_fall_to_zero_at_the_end(schedule):
+    steps, warmup = 1000, 100
+    lrs = [learning_rate(schedule, s, 1.0, warmup, (s - 1) / steps) for s in range(1, steps + 1)]
+    assert lrs[0] == pytest.approx(0.01, rel=1e-3)
+    # the decay spans the whole budget, warmup included: at the warmup's end the shape is already applied
+    assert lrs[warmup - 1] == pytest.approx(learning_rate(schedule, 10**9, 1.0, 1, (warmup - 1) / steps))
+    assert max(lrs) > (0.97 if schedule == "cosine" else 0.89)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:warmup], lrs[1:warmup])), "warmup rises"
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:])), "then it only falls"
+    assert lrs[-1] < 0.01 and learning_rate(schedule, steps + 1, 1.0, warmup, 1.0) == 0.0
+    half = learning_rate(schedule, steps // 2, 1.0, warmup, 0.5)
+    assert half == pytest.approx(0.5), "both are at half the peak half-way"
+    assert learning_rate(schedule, 200, 1.0, warmup, 2.0) == 0.0, "progress past the budget is clamped"
+
+
+def test_time_budget_drives_the_schedule(tmp_path):
+    make_reverse_task(tmp_path / "data", n_train=200, n_dev=10)
+    trainer = Trainer(reverse_config(tmp_path / "data", schedule="linear", max_minutes=10.0), tmp_path / "run")
+    trainer.step, trainer.elapsed = 3, 450.0
+    assert trainer.progress() == pytest.approx(0.75), "the time fraction beats the step fraction 2/8"
+    trainer.elapsed = 0.0
+    assert trainer.progress() == pytest.approx(2 / 8)
+
+
 def test_loss_counts_real_tokens_only_and_matches_a_full_computation():
     model = tiny_model()
     src, tgt_in = random_batch(model.cfg, tgt_len=6)
@@ -54,13 +79,16 @@ def test_loss_counts_real_tokens_only_and_matches_a_full_computation():
     torch.testing.assert_close(loss, (0.9 * nll + 0.1 * smooth).sum(), rtol=1e-5, atol=1e-4)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
+def test_resume_continues_exactly(tmp_path, schedule):
     make_reverse_task(tmp_path / "data", n_train=400, n_dev=20)
-    straight = Trainer(reverse_config(tmp_path / "data", max_steps=8), tmp_path / "straight")
+    straight = Trainer(reverse_config(tmp_path / "data", max_steps=8, schedule=schedule), tmp_path / "straight")
     straight.train()
-    first = Trainer(reverse_config(tmp_path / "data", max_steps=4), tmp_path / "resumed")
+    first = Trainer(reverse_config(tmp_path / "data", max_steps=8, schedule=schedule), tmp_path / "resumed")
+    budget_stop = first._stop_reason
+    first._stop_reason = lambda: "interrupted" if first.step == 4 else budget_stop()  # killed after step 4's checkpoint
     first.train()
-    second = Trainer(reverse_config(tmp_path / "data", max_steps=8), tmp_path / "resumed")
+    second = Trainer(reverse_config(tmp_path / "data", max_steps=8, schedule=schedule), tmp_path / "resumed")
     assert second.step == 4
     second.train()
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
@@ -98,7 +126,7 @@ def test_interrupted_save_leaves_the_previous_folder_whole(tmp_path):
 
 def test_a_small_model_learns_to_reverse_strings(tmp_path):
     make_reverse_task(tmp_path / "data", n_train=6000, n_dev=200)
-    cfg = reverse_config(tmp_path / "data", max_steps=1200, validate_every=400, metric="exact", lr=0.005,
+    cfg = reverse_config(tmp_path / "data", max_steps=1600, validate_every=400, metric="exact", lr=0.005,
                          warmup=150, max_tokens=1000, label_smoothing=0.0)
     cfg.model.update({"d_model": 64, "ff": 256, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0})
     trainer = Trainer(cfg, tmp_path / "run")
@@ -108,3 +136,24 @@ def test_a_small_model_learns_to_reverse_strings(tmp_path):
     words = (tmp_path / "data" / "dev.src").read_text().split()
     outputs = load(tmp_path / "run" / "best").translate(words)
     assert sum(o == w[::-1] for o, w in zip(outputs, words)) >= 0.99 * len(words)
+
+
+def test_bf16_training_tracks_float32(tmp_path):
+    make_reverse_task(tmp_path / "data", n_train=400, n_dev=20)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(reverse_config(tmp_path / "data", max_steps=12, validate_every=12, precision=precision),
+                          tmp_path / precision)
+        assert trainer.bf16 == (precision == "bf16")
+        result = trainer.train()
+        losses[precision] = (result["train_loss"], result["dev_loss"])
+    for fp32, bf16 in zip(losses["fp32"], losses["bf16"]):
+        assert bf16 == pytest.approx(fp32, rel=0.03), losses
+
+
+def test_auto_precision_follows_the_hardware(tmp_path, monkeypatch):
+    from encdec import train as train_module
+    make_reverse_task(tmp_path / "data", n_train=100, n_dev=10)
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "bf16_is_native", lambda device, native=native: native)
+        assert Trainer(reverse_config(tmp_path / "data", precision="auto"), tmp_path / str(native)).bf16 == native

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--wall-seconds", type=float, help="wall time of preparation + training, from run.sh")
     args = parser.parse_args()
     out = args.out or Path("benchmarks/results") / f"bible-{args.src}-{args.tgt}.md"
 
@@ -64,6 +65,8 @@ def main() -> None:
     params = load_model_folder(model_dir)[0].num_parameters()
     weights = model_dir / "model.safetensors"
     extra = f" --set train.threads={threads}" if config["train"].get("threads") else ""
+    wall = (f"; {args.wall_seconds / 60:.1f} minutes wall time with data preparation and validations"
+            if args.wall_seconds else "")
     curve = plot_training(args.run, out.with_name(f"bible-{args.src}-{args.tgt}-training.png"), metric="bleu")
     text = f"""# Bible style transfer {args.src.upper()} -> {args.tgt.upper()} (test: Judges, 1 Samuel, Philippians, Hebrews; {len(refs)} verses)
 
@@ -72,8 +75,8 @@ def main() -> None:
 {chr(10).join(table)}
 
 - Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]}, the model kept.
-- Training: {log[-1]["step"]} steps, {log[-1]["elapsed_s"] / 60:.1f} minutes wall time, {threads} CPU thread(s)
-  on this 2-core machine, from scratch.
+- Training: {log[-1]["step"]} steps, {log[-1]["elapsed_s"] / 60:.1f} minutes of training steps, {threads} CPU thread(s)
+  on this 2-core machine, from scratch{wall}; learning-rate schedule `{config["train"].get("schedule", "inverse_sqrt")}`.
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 - Decoding the test set: {seconds:.0f} s in float32, {seconds8:.0f} s in int8 (beam {args.beam}, {torch.get_num_threads()} thread(s)).
 - Training curve: `{curve.name}`.

@@ -1,0 +1,113 @@
+"""The training loss: output projection and label-smoothed cross-entropy in one pass.
+
+Written plainly, ``F.cross_entropy(F.linear(h, W, b), y, label_smoothing=eps)`` keeps the
+``(tokens, vocab)`` logits alive for the backward pass and walks over them six or seven
+times (log-softmax, its backward, the smoothing term, zero-fills, adds). On a CPU those
+passes cost more than the projection's matrix product. :func:`linear_cross_entropy` gives
+the same loss and the same gradients, but works on chunks of rows: per chunk, the logits
+are made, turned into the loss *and* into their gradient (``softmax - target distribution``)
+while they sit in cache, and multiplied back into the gradients of ``h``, ``W`` and ``b``.
+Nothing of vocabulary size outlives its chunk.
+
+With smoothing ``eps`` over ``V`` classes, the target distribution is ``(1 - eps)`` on the
+gold token plus ``eps / V`` everywhere (PyTorch's convention), so per row::
+
+    loss = logsumexp(z) - (1 - eps) * z[y] - (eps / V) * sum(z)
+    dloss/dz = softmax(z) - (1 - eps) * onehot(y) - eps / V
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB in float32): rows = this // vocab, at least 64
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(64, CHUNK_ELEMENTS // vocab)
+
+
+def _chunk_loss_and_softmax(z: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    """Summed loss of float32 logits ``z`` ``(rows, vocab)``, and their softmax, made in ``z``'s memory.
+
+    One exp() serves both. It is clamped at e^-80: below e^-87 a float32 is denormal and x86
+    CPUs slow down ~10x on them (torch's own log_softmax and softmax do, on real logits); the
+    clamp moves no probability by more than e^-80.
+    """
+    gold = z.gather(1, target[:, None])
+    loss = -(1.0 - smoothing) * gold
+    if smoothing:
+        loss = loss - (smoothing / z.size(1)) * z.sum(dim=-1, keepdim=True)
+    top = z.amax(dim=-1, keepdim=True)
+    probs = z.sub_(top).clamp_(min=-80.0).exp_()
+    norm = probs.sum(dim=-1, keepdim=True)
+    loss = loss + top + norm.log()  # + logsumexp(z)
+    return loss.sum(), probs.div_(norm)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Loss summed over rows; the gradients are computed in the forward pass and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                smoothing: float) -> Tensor:
+        vocab = weight.size(0)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        want_grad = any(ctx.needs_input_grad[:3])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[2] else None
+        rows = _chunk_rows(vocab)
+        weight_mm = hidden_mm = None  # weight and hidden in the dtype of the products, cast once
+        for start in range(0, hidden.size(0), rows):
+            h, y = hidden[start:start + rows], target[start:start + rows]
+            logits = F.linear(h, weight, bias)  # under autocast: a bf16 product
+            loss, grad = _chunk_loss_and_softmax(logits.float(), y, smoothing)
+            total += loss
+            if not want_grad:
+                continue
+            # dloss/dz = softmax(z) - eps/V - (1-eps) onehot(y), in place
+            if smoothing:
+                grad.sub_(smoothing / vocab)
+            grad.scatter_add_(1, y[:, None], grad.new_full((y.numel(), 1), smoothing - 1.0))
+            grad = grad.to(logits.dtype)  # multiply back in the precision of the forward product
+            if weight_mm is None:
+                weight_mm, hidden_mm = weight.to(grad.dtype), hidden.to(grad.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + rows] = grad @ weight_mm
+            if grad_weight is not None:
+                grad_weight += grad.t() @ hidden_mm[start:start + rows]
+            if grad_bias is not None:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        scale = grad_output.float()
+        grads = [None if g is None else (g.float() * scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                         label_smoothing: float = 0.0) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), target, label_smoothing=..., reduction="sum")``,
+    chunked, with its gradients made on the way.
+
+    Args:
+        hidden: ``(tokens, d_model)`` decoder states of real (non-pad) target positions.
+        weight: ``(vocab, d_model)`` output projection (the tied embedding, if tied).
+        bias: ``(vocab,)`` or ``None``.
+        target: ``(tokens,)`` gold token ids.
+    Returns:
+        The summed loss, a float32 scalar.
+    """
+    if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden (tokens, d_model) and target (tokens,), got {tuple(hidden.shape)} "
+                         f"and {tuple(target.shape)}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, float(label_smoothing))
+
+
+__all__ = ["linear_cross_entropy"]
