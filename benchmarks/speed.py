@@ -327,12 +327,12 @@ def decoder(system: str, c: dict, folder: Path):
     """``run(sources, beam) -> token ids per sentence`` (no start/end token) for one system."""
     import torch
     pad, eos = c["vocab"] - 1, 0
-    if system in ("encdec", "encdec-int8"):
+    if system in ("encdec", "encdec-int8", "encdec-bf16"):
         from encdec.marian import load_marian
         from encdec.inference import prepare_for_cpu
         from encdec.search import beam_search, greedy_search
-        # what encdec.load does on a CPU: packed float32 weights, or int8
-        model = prepare_for_cpu(load_marian(folder / "hf"), int8=system == "encdec-int8", inplace=True)
+        # what encdec.load does on a CPU: packed float32 weights, or bf16, or int8
+        model = prepare_for_cpu(load_marian(folder / "hf"), system.partition("-")[2] or "fp32", inplace=True)
 
         def run(src, beam):
             ids = pad_rows(src, pad)
@@ -450,12 +450,16 @@ def decode_table(rows: dict) -> list[str]:
 
 
 def target_table(rows: dict) -> list[str]:
-    """The issue's decoding targets side by side: vs HF, and same precision vs CTranslate2."""
-    out = ["| mode | encdec / hf | encdec / ct2-float32 | encdec-int8 / ct2-int8 |", "|---|---|---|---|"]
+    """The issue's decoding targets side by side: vs HF, and same precision vs CTranslate2; bf16
+    (CTranslate2 has no bf16 on CPUs) against CTranslate2's faster of float32 and int8."""
+    bf16 = "encdec-bf16" in rows
+    out = ["| mode | encdec / hf | encdec / ct2-float32 | encdec-int8 / ct2-int8 |"
+           + (" encdec-bf16 / fastest ct2 |" if bf16 else ""), "|---|---|---|---|" + ("---|" if bf16 else "")]
     for mode in [k for k in rows["encdec"] if k != "max_rss_mib"]:
         tps = {name: r[mode]["tokens_per_s"] for name, r in rows.items()}
         out.append(f"| {mode} | {ratio(tps['encdec'], tps['hf'])} | {ratio(tps['encdec'], tps['ct2-float32'])} | "
-                   f"{ratio(tps['encdec-int8'], tps['ct2-int8'])} |")
+                   f"{ratio(tps['encdec-int8'], tps['ct2-int8'])} |"
+                   + (f" {ratio(tps['encdec-bf16'], max(tps['ct2-float32'], tps['ct2-int8']))} |" if bf16 else ""))
     return out
 
 
@@ -528,7 +532,8 @@ def main() -> None:
                 prep = in_subprocess("prepare", {"config": name, "dir": folder})
                 spec = {"config": name, "dir": folder, "n1": n1, "batch": nb}
                 rows = {s: in_subprocess("decode", {**spec, "system": s})
-                        for s in ("encdec", "hf", "ct2-float32", "encdec-int8", "ct2-int8")}
+                        for s in ("encdec", "hf", "ct2-float32", "encdec-int8", "ct2-int8")
+                        + (("encdec-bf16",) if bf16 else ())}
             results["decode"][name] = {"prepare": prep, **rows}
             lines += [f"## Decoding, {title}", "",
                       f"One random MarianMTModel (end token fitted to stop near the source length, RMSE "

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load_model_folder
 from .model import Transformer
-from .inference import prepare_for_cpu
+from .inference import PRECISIONS, prepare_for_cpu
 from .search import Hypothesis, beam_search, greedy_search
 from .tokenizer import Tokenizer
 
@@ -97,16 +97,19 @@ class Translator:
         return beam_search(self.model, src, beam, alpha, max_len_ratio, max_len_extra, n_best)
 
 
-def load(folder: str | Path, device: str = "cpu", int8: bool = False) -> Translator:
+def load(folder: str | Path, device: str = "cpu", precision: str = "fp32") -> Translator:
     """Load a model folder (``runs/NAME/best``, a checkpoint, or an averaged model) for translation.
 
-    On the CPU the model is prepared for fast decoding (:func:`prepare_for_cpu`:
-    pre-packed float32 weights, or with ``int8`` int8 dynamic quantization, which is
-    faster again but may change outputs slightly).
+    On the CPU the model is prepared for fast decoding (:func:`prepare_for_cpu`):
+    pre-packed float32 weights; ``precision="bf16"``, packed bf16 weights (fast on CPUs
+    with AMX or AVX512-BF16); ``precision="int8"``, int8 dynamic quantization. The last
+    two may change outputs slightly.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     model, src_tok, tgt_tok, _ = load_model_folder(folder)
     if torch.device(device).type == "cpu":
-        model = prepare_for_cpu(model, int8, inplace=True)  # the loaded float model is not kept
-    elif int8:
-        raise ValueError("int8 decoding runs on the CPU only; drop --int8 or use --device cpu")
+        model = prepare_for_cpu(model, precision, inplace=True)  # the loaded float model is not kept
+    elif precision != "fp32":
+        raise ValueError(f"{precision} decoding runs on the CPU only; drop --{precision} or use --device cpu")
     return Translator(model.to(device), src_tok, tgt_tok)

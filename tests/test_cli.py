@@ -131,6 +131,7 @@ def test_half_precision_export_is_half_the_size_and_translates_alike(trained):
     assert run_cli("translate", "--model", half, "--beam", "1", stdin=words).stdout == same
 
 
-def test_int8_translation(trained):
-    result = run_cli("translate", "--model", trained / "run" / "best", "--int8", "--beam", "2", stdin="abc\nbcd\n")
+@pytest.mark.parametrize("flag", ["--int8", "--bf16"])
+def test_low_precision_translation(trained, flag):
+    result = run_cli("translate", "--model", trained / "run" / "best", flag, "--beam", "2", stdin="abc\nbcd\n")
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr

@@ -20,14 +20,15 @@ from encdec import load  # noqa: E402
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
+from encdec.train import bf16_is_native  # noqa: E402
 
 # Carlson, Riddell & Rockmore (2018), test BLEU (multi-bleu.perl on untokenized text = sacreBLEU tokenize='none').
 PUBLISHED = {("ylt", "bbe"): (24.01, 24.94), ("bbe", "asv"): (31.28, 30.17), ("kjv", "asv"): (76.77, 65.61)}
 
 
-def translate(model_dir: Path, sources: list[str], beam: int, int8: bool = False) -> tuple[list[str], float]:
+def translate(model_dir: Path, sources: list[str], beam: int, precision: str = "fp32") -> tuple[list[str], float]:
     """The model's outputs for ``sources`` and the seconds decoding took."""
-    translator = load(model_dir, int8=int8)
+    translator = load(model_dir, precision=precision)
     start = time.perf_counter()
     outputs = translator.translate(sources, beam=beam)
     return outputs, time.perf_counter() - start
@@ -49,9 +50,14 @@ def main() -> None:
     refs = (args.data / "test.tgt").read_text(encoding="utf-8").splitlines()
     model_dir = args.run / "best"
     outputs, seconds = translate(model_dir, sources, args.beam)
-    outputs8, seconds8 = translate(model_dir, sources, args.beam, int8=True)
+    outputs8, seconds8 = translate(model_dir, sources, args.beam, "int8")
     rows = [("copy the source", sources), (f"**encdec Transformer, beam {args.beam}**", outputs),
             ("the same model decoded in int8 (`--int8`)", outputs8)]
+    timings = f"{seconds:.0f} s in float32, {seconds8:.0f} s in int8"
+    if bf16_is_native(torch.device("cpu")):  # bf16 decoding only pays where the CPU has it natively
+        outputs16, seconds16 = translate(model_dir, sources, args.beam, "bf16")
+        rows.insert(2, ("the same model decoded in bf16 (`--bf16`)", outputs16))
+        timings += f", {seconds16:.0f} s in bf16"
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
              for name, h in rows]
     moses, seq2seq = PUBLISHED.get((args.src, args.tgt), (None, None))
@@ -78,7 +84,7 @@ def main() -> None:
 - Training: {log[-1]["step"]} steps, {log[-1]["elapsed_s"] / 60:.1f} minutes of training steps, {threads} CPU thread(s)
   on this 2-core machine, from scratch{wall}; learning-rate schedule `{config["train"].get("schedule", "inverse_sqrt")}`.
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
-- Decoding the test set: {seconds:.0f} s in float32, {seconds8:.0f} s in int8 (beam {args.beam}, {torch.get_num_threads()} thread(s)).
+- Decoding the test set: {timings} (beam {args.beam}, {torch.get_num_threads()} thread(s)).
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/bible/run.sh {args.src} {args.tgt}{extra}`.

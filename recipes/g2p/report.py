@@ -25,7 +25,7 @@ PUBLISHED = [("Bidirectional LSTM (Yao & Zweig 2015)", 23.55, 5.45),
 def score(model_dir: Path, refs_path: Path, beam: int, int8: bool = False) -> tuple[float, float, float, int]:
     references = load_references(refs_path)
     words = list(references)
-    translator = load(model_dir, int8=int8)
+    translator = load(model_dir, precision="int8" if int8 else "fp32")
     start = time.perf_counter()
     outputs = translator.translate(words, beam=beam, alpha=0.0)
     seconds = time.perf_counter() - start
