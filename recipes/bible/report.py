@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--wall-seconds", type=float, help="wall time of preparation + training, from run.sh")
+    parser.add_argument("--extra", default="", help="the arguments run.sh passed on to encdec train")
     args = parser.parse_args()
     out = args.out or Path("benchmarks/results") / f"bible-{args.src}-{args.tgt}.md"
 
@@ -70,7 +71,7 @@ def main() -> None:
     best = max(log, key=lambda r: r["bleu"])
     params = load_model_folder(model_dir)[0].num_parameters()
     weights = model_dir / "model.safetensors"
-    extra = f" --set train.threads={threads}" if config["train"].get("threads") else ""
+    extra = f" {args.extra}" if args.extra else ""
     wall = (f"; {args.wall_seconds / 60:.1f} minutes wall time with data preparation and validations"
             if args.wall_seconds else "")
     curve = plot_training(args.run, out.with_name(f"bible-{args.src}-{args.tgt}-training.png"), metric="bleu")

@@ -16,4 +16,4 @@ encdec train recipes/bible/config.yaml --run "runs/bible-$src-$tgt" \
   --set "data.train=[$data/train.src, $data/train.tgt]" --set "data.dev=[$data/dev.src, $data/dev.tgt]" "${@:3}"
 # SECONDS: wall time of this invocation so far (data preparation, training, validations)
 python recipes/bible/report.py --src "$src" --tgt "$tgt" --data "$data" --run "runs/bible-$src-$tgt" \
-  --wall-seconds "$SECONDS"
+  --wall-seconds "$SECONDS" --extra "${*:3}"
