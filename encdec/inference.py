@@ -38,6 +38,12 @@ def onednn_available() -> bool:
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
+def check_precision(precision: str) -> None:
+    """Raise ``ValueError`` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
 class PackedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored in oneDNN's blocked layout for CPU matrix products.
 
@@ -90,8 +96,7 @@ def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool =
     other use for it). Without oneDNN (an unusual PyTorch build) the float32 version
     keeps plain Linear layers, and bf16 is refused.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("CPU inference preparation needs the model on the CPU; load it with device='cpu'")
     if precision == "bf16" and not onednn_available():

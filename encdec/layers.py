@@ -34,7 +34,7 @@ class Dropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         bits = torch.empty(x.numel() // 4, dtype=torch.int64, device=x.device).random_()
         keep = (bits.view(torch.int16) & 0x7FFF).view(x.shape) >= round(self.p * 32768)
-        return x * keep * (1.0 / (1.0 - self.p))
+        return (x * keep).mul_(1.0 / (1.0 - self.p))  # one temporary, not two
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

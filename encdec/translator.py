@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load_model_folder
 from .model import Transformer
-from .inference import PRECISIONS, prepare_for_cpu
+from .inference import check_precision, prepare_for_cpu
 from .search import Hypothesis, beam_search, greedy_search
 from .tokenizer import Tokenizer
 
@@ -105,8 +105,7 @@ def load(folder: str | Path, device: str = "cpu", precision: str = "fp32") -> Tr
     with AMX or AVX512-BF16); ``precision="int8"``, int8 dynamic quantization. The last
     two may change outputs slightly.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(precision)  # before the (slow) load
     model, src_tok, tgt_tok, _ = load_model_folder(folder)
     if torch.device(device).type == "cpu":
         model = prepare_for_cpu(model, precision, inplace=True)  # the loaded float model is not kept
