@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,22 +14,16 @@ import yaml
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from encdec import load  # noqa: E402
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
-from encdec.train import bf16_is_native  # noqa: E402
+from recipes.reporting import decoding_precisions, training_summary, translate  # noqa: E402
+
+NAMES = {"fp32": "**encdec Transformer, beam {beam}**", "bf16": "the same model decoded in bf16 (`--bf16`)",
+         "int8": "the same model decoded in int8 (`--int8`)"}
 
 # Carlson, Riddell & Rockmore (2018), test BLEU (multi-bleu.perl on untokenized text = sacreBLEU tokenize='none').
 PUBLISHED = {("ylt", "bbe"): (24.01, 24.94), ("bbe", "asv"): (31.28, 30.17), ("kjv", "asv"): (76.77, 65.61)}
-
-
-def translate(model_dir: Path, sources: list[str], beam: int, precision: str = "fp32") -> tuple[list[str], float]:
-    """The model's outputs for ``sources`` and the seconds decoding took."""
-    translator = load(model_dir, precision=precision)
-    start = time.perf_counter()
-    outputs = translator.translate(sources, beam=beam)
-    return outputs, time.perf_counter() - start
 
 
 def main() -> None:
@@ -50,15 +42,11 @@ def main() -> None:
     sources = (args.data / "test.src").read_text(encoding="utf-8").splitlines()
     refs = (args.data / "test.tgt").read_text(encoding="utf-8").splitlines()
     model_dir = args.run / "best"
-    outputs, seconds = translate(model_dir, sources, args.beam)
-    outputs8, seconds8 = translate(model_dir, sources, args.beam, "int8")
-    rows = [("copy the source", sources), (f"**encdec Transformer, beam {args.beam}**", outputs),
-            ("the same model decoded in int8 (`--int8`)", outputs8)]
-    timings = f"{seconds:.0f} s in float32, {seconds8:.0f} s in int8"
-    if bf16_is_native(torch.device("cpu")):  # bf16 decoding only pays where the CPU has it natively
-        outputs16, seconds16 = translate(model_dir, sources, args.beam, "bf16")
-        rows.insert(2, ("the same model decoded in bf16 (`--bf16`)", outputs16))
-        timings += f", {seconds16:.0f} s in bf16"
+    rows, timings = [("copy the source", sources)], []
+    for precision in decoding_precisions():
+        outputs, seconds = translate(model_dir, sources, precision, beam=args.beam)
+        rows.append((NAMES[precision].format(beam=args.beam), outputs))
+        timings.append(f"{seconds:.0f} s in {precision}")
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
              for name, h in rows]
     moses, seq2seq = PUBLISHED.get((args.src, args.tgt), (None, None))
@@ -67,13 +55,10 @@ def main() -> None:
                      f"| Seq2Seq (Carlson et al. 2018) | {seq2seq:.2f} | | |"]
     log = read_log(args.run)
     config = yaml.safe_load((args.run / "config.yaml").read_text(encoding="utf-8"))
-    threads = config["train"].get("threads") or os.cpu_count()
     best = max(log, key=lambda r: r["bleu"])
     params = load_model_folder(model_dir)[0].num_parameters()
     weights = model_dir / "model.safetensors"
     extra = f" {args.extra}" if args.extra else ""
-    wall = (f"; {args.wall_seconds / 60:.1f} minutes wall time with data preparation and validations"
-            if args.wall_seconds else "")
     curve = plot_training(args.run, out.with_name(f"bible-{args.src}-{args.tgt}-training.png"), metric="bleu")
     text = f"""# Bible style transfer {args.src.upper()} -> {args.tgt.upper()} (test: Judges, 1 Samuel, Philippians, Hebrews; {len(refs)} verses)
 
@@ -82,10 +67,9 @@ def main() -> None:
 {chr(10).join(table)}
 
 - Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]}, the model kept.
-- Training: {log[-1]["step"]} steps, {log[-1]["elapsed_s"] / 60:.1f} minutes of training steps, {threads} CPU thread(s)
-  on this 2-core machine, from scratch{wall}; learning-rate schedule `{config["train"].get("schedule", "inverse_sqrt")}`.
+{training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
-- Decoding the test set: {timings} (beam {args.beam}, {torch.get_num_threads()} thread(s)).
+- Decoding the test set: {', '.join(timings)} (beam {args.beam}, {torch.get_num_threads()} thread(s)).
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/bible/run.sh {args.src} {args.tgt}{extra}`.

@@ -5,11 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=${1:?source edition, e.g. ylt}; tgt=${2:?target edition, e.g. bbe}
-# tcmalloc where installed (Debian: apt install libtcmalloc-minimal4). Training's many short-lived
-# tensors of changing sizes fragment glibc's heap: measured on a bf16 6+6 model, RSS 4.0 GB after
-# 60 steps and growing (and steps slowing over hours) against 1.9 GB, and 861 against 761 ms a step.
-tcmalloc=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
-if [ -e "$tcmalloc" ]; then export LD_PRELOAD="$tcmalloc${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+source recipes/tcmalloc.sh      # steadier memory and steps in long trainings
 data=data/bible/$src-$tgt
 python recipes/bible/prepare.py --src "$src" --tgt "$tgt" --out "$data"
 encdec train recipes/bible/config.yaml --run "runs/bible-$src-$tgt" \
