@@ -100,6 +100,42 @@ def worker_peak(spec: dict) -> dict:
     return {"gflops": best, "torch": torch.__version__}
 
 
+def worker_bandwidth(spec: dict) -> dict:
+    """Read bandwidth in GB/s over ``spec["bytes"]`` of float32, read again and again (as decoding
+    re-reads its weights each step, from the cache where they fit): the best of a few sums."""
+    import torch
+    torch.set_num_threads(THREADS)
+    x = torch.ones(spec["bytes"] // 4)
+    x.sum()
+    best = 0.0
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return {"gb_per_s": best}
+
+
+def streamed_bytes(c: dict) -> int:
+    """float32 weight bytes one decoding step reads: per decoder layer W_Q, W_K, W_V and W_O of
+    self-attention, W_Q and W_O of encoder-decoder attention (its keys and values are computed
+    once per sentence) and the feed-forward pair; then the output layer."""
+    d = c["d"]
+    return 4 * (c["layers"] * (6 * d * d + 2 * d * c["ff"]) + c["vocab"] * d)
+
+
+def bound_lines(rows: dict, c: dict, gb_per_s: float) -> list[str]:
+    """Batch-1 greedy decoding against the memory-bandwidth bound: every step reads the decoder's
+    and output layer's weights once, so float32 can't go faster than bandwidth / those bytes."""
+    mb = streamed_bytes(c) / 1e6
+    bound = gb_per_s * 1e3 / mb
+    parts = ", ".join(f"{name} {r['greedy b1']['tokens_per_s'] / bound:.0%}" for name, r in rows.items()
+                      if name in ("encdec", "hf", "ct2-float32"))
+    return [f"Batch-1 bound: each float32 step reads {mb:.0f} MB of weights; at {gb_per_s:.1f} GB/s (measured: "
+            "summing an array of that size again and again, from the cache where it fits) "
+            f"that allows at most {bound:.0f} tokens/s. Greedy b1 reaches {parts} of it (int8 and bf16 read "
+            "a quarter and a half of the bytes).", ""]
+
+
 def marian_config(c: dict, **options):
     import transformers
     return transformers.MarianConfig(
@@ -534,21 +570,22 @@ def main() -> None:
                 rows = {s: in_subprocess("decode", {**spec, "system": s})
                         for s in ("encdec", "hf", "ct2-float32", "encdec-int8", "ct2-int8")
                         + (("encdec-bf16",) if bf16 else ())}
-            results["decode"][name] = {"prepare": prep, **rows}
+            gb_per_s = in_subprocess("bandwidth", {"bytes": streamed_bytes(c), "repeats": 10})["gb_per_s"]
+            results["decode"][name] = {"prepare": prep, "bandwidth_gb_s": gb_per_s, **rows}
             lines += [f"## Decoding, {title}", "",
                       f"One random MarianMTModel (end token fitted to stop near the source length, RMSE "
                       f"{prep['fit_rmse']:.2f}) loaded by each system; sources of 25-35 tokens; at most {MAX_NEW} new "
                       f"tokens; beam: length penalty 0, stop at 5 finished. b1: the first {n1} sources one by one; "
                       f"b{nb}: the first {nb} as one batch. tokens/s counts output tokens (no end token).", "",
                       *decode_table(rows), "", "Targets (tokens/s ratios; want >= 2 for HF, >= 1 for CTranslate2):", "",
-                      *target_table(rows), ""]
+                      *target_table(rows), "", *bound_lines(rows, c, gb_per_s)]
     info["load_average_at_end"] = os.getloadavg()[0]
     lines.append(f"Load average at the end: {info['load_average_at_end']:.1f}.")
     print("\n".join(lines))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for rows in results["decode"].values():  # the token lists fed the agreement column; the JSON keeps numbers
-        for r in rows.values():
+        for r in (r for r in rows.values() if isinstance(r, dict)):
             for m in r.values():
                 if isinstance(m, dict):
                     m.pop("outputs", None)
