@@ -37,6 +37,16 @@ def test_packed_float32_model_gives_the_same_results():
                                                                        max_len_extra=12)]
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (5,), (3, 11), (32,)])
+def test_packed_linear_equals_linear_for_few_and_many_rows(shape):
+    """Few rows take F.linear on the plain weight, more take the packed product: both give Linear's result."""
+    linear = nn.Linear(24, 40)
+    x = torch.randn(*shape, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
 def test_every_linear_is_quantized_and_the_float_model_is_kept():
     model = tiny_model()
     quantized = prepare_for_cpu(model, "int8")
