@@ -14,6 +14,12 @@ from encdec.plots import read_log
 from encdec.train import bf16_is_native
 
 
+def row_name(precision: str, float_name: str) -> str:
+    """A results-table row's name: ``float_name`` for the float32 model, else what decoded it."""
+    flag = {"bf16": "--bf16", "int8": "--int8"}.get(precision)
+    return float_name if flag is None else f"the same model decoded in {precision} (`{flag}`)"
+
+
 def decoding_precisions() -> list[str]:
     """float32 and int8 everywhere; bf16 only where the CPU multiplies it natively (AMX, AVX512-BF16)."""
     return ["fp32", "bf16", "int8"] if bf16_is_native(torch.device("cpu")) else ["fp32", "int8"]

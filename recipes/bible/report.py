@@ -17,10 +17,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
-from recipes.reporting import decoding_precisions, training_summary, translate  # noqa: E402
+from recipes.reporting import decoding_precisions, row_name, training_summary, translate  # noqa: E402
 
-NAMES = {"fp32": "**encdec Transformer, beam {beam}**", "bf16": "the same model decoded in bf16 (`--bf16`)",
-         "int8": "the same model decoded in int8 (`--int8`)"}
 
 # Carlson, Riddell & Rockmore (2018), test BLEU (multi-bleu.perl on untokenized text = sacreBLEU tokenize='none').
 PUBLISHED = {("ylt", "bbe"): (24.01, 24.94), ("bbe", "asv"): (31.28, 30.17), ("kjv", "asv"): (76.77, 65.61)}
@@ -45,7 +43,7 @@ def main() -> None:
     rows, timings = [("copy the source", sources)], []
     for precision in decoding_precisions():
         outputs, seconds = translate(model_dir, sources, precision, beam=args.beam)
-        rows.append((NAMES[precision].format(beam=args.beam), outputs))
+        rows.append((row_name(precision, f"**encdec Transformer, beam {args.beam}**"), outputs))
         timings.append(f"{seconds:.0f} s in {precision}")
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
              for name, h in rows]

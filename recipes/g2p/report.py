@@ -17,12 +17,10 @@ from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.g2p.prepare import load_references  # noqa: E402
-from recipes.reporting import decoding_precisions, training_summary, translate  # noqa: E402
+from recipes.reporting import decoding_precisions, row_name, training_summary, translate  # noqa: E402
 
 PUBLISHED = [("Bidirectional LSTM (Yao & Zweig 2015)", 23.55, 5.45),
              ("Attention encoder-decoder ensemble (Toshniwal & Livescu 2016)", 20.24, 4.69)]
-NAMES = {"fp32": "**encdec Transformer, one model, beam {beam}**",
-         "bf16": "the same model decoded in bf16 (`--bf16`)", "int8": "the same model decoded in int8 (`--int8`)"}
 
 
 def score(model_dir: Path, refs_path: Path, beam: int, precision: str = "fp32") -> tuple[float, float, float, int]:
@@ -50,7 +48,8 @@ def main() -> None:
     for precision in decoding_precisions():
         wer, per, seconds, n = score(args.model, args.data / "test.refs.tsv", args.beam, precision)
         cells = f"**{wer:.2f}** | **{per:.2f}**" if precision == "fp32" else f"{wer:.2f} | {per:.2f}"
-        rows.append(f"| {NAMES[precision].format(beam=args.beam)} | {cells} |")
+        name = row_name(precision, f"**encdec Transformer, one model, beam {args.beam}**")
+        rows.append(f"| {name} | {cells} |")
         timings.append(f"{seconds:.1f} s in {precision} ({n / seconds:.0f} words/s)")
     log = read_log(args.run)
     weights = args.model / "model.safetensors"
