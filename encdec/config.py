@@ -221,6 +221,56 @@ class RunConfig:
                                        "tgt_vocab_size": tgt_vocab_size}, section="model")
 
 
+# What may change when a run folder is trained again: budgets, bookkeeping and the machine.
+# Anything else (data, tokenizers, model, optimiser) would silently mix two runs' settings.
+RESUMABLE_CHANGES = {f"train.{name}" for name in ("max_steps", "max_epochs", "max_minutes", "patience",
+                                                   "validate_every", "log_every", "keep_checkpoints", "beam",
+                                                   "device", "threads")}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Options that differ between two run configs, defaults filled in: ``{"model.dropout": (0.1, 0.2)}``."""
+    def flat(cfg: RunConfig) -> dict[str, Any]:
+        model = {k: v for k, v in to_dict(cfg.model_config(100, 100)).items() if not k.endswith("vocab_size")}
+        return _flatten({"data": to_dict(cfg.data), "model": model, "train": to_dict(cfg.train)})
+    a, b = flat(old), flat(new)
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+
+def check_resumable(cfg: RunConfig, saved: Path) -> dict[str, tuple[Any, Any]]:
+    """Check that ``cfg`` may continue the run whose config was saved at ``saved`` (if any).
+
+    A run folder's tokenizers, binarized data and checkpoints are reused, so training it again
+    under other data, model or optimiser settings would mix two runs without a word: refuse with a
+    :class:`ConfigError`. Returns the allowed changes (budgets, threads, ...), to be logged.
+    """
+    if not saved.exists():
+        return {}
+    try:
+        old = from_dict(RunConfig, yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved}: cannot read the earlier run's config ({str(e).splitlines()[0]}); "
+                          "train into a new --run folder") from None
+    changes = config_changes(old, cfg)
+    fixed = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in RESUMABLE_CHANGES]
+    if fixed:
+        more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""
+        raise ConfigError(f"{saved.parent} holds a run with other settings ({'; '.join(fixed[:3])}{more}); "
+                          f"give a new --run folder, or delete {saved.parent} to start afresh")
+    return changes
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
     path = Path(path)
@@ -303,5 +353,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TokenizerConfig", "TrainConfig",
-           "from_dict", "load_config", "to_dict"]
+__all__ = ["RESUMABLE_CHANGES", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TokenizerConfig",
+           "TrainConfig", "check_resumable", "config_changes", "from_dict", "load_config", "to_dict"]

@@ -33,7 +33,7 @@ from . import distributed
 from .attention import padding_mask
 from .checkpoint import (atomic_folder, load_model_folder, load_trainer_state, save_model_folder,
                          save_trainer_state)
-from .config import RunConfig, TokenizerConfig, to_dict
+from .config import RunConfig, TokenizerConfig, check_resumable, to_dict
 from .data import Batch, BatchIterator, BinarizedCorpus, collate, read_pairs
 from .loss import linear_cross_entropy
 from .metrics import evaluate_all, exact_match
@@ -179,6 +179,8 @@ class Trainer:
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         log = self.log if self.ctx.is_main else (lambda *a: None)
         if self.ctx.is_main:
+            for key, (before, now) in check_resumable(cfg, self.run_dir / "config.yaml").items():
+                log(f"continuing {self.run_dir} with {key}: {before!r} -> {now!r}")
             self.src_tok, self.tgt_tok, _ = prepare(cfg, self.run_dir, log)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
         self.ctx.wait_for_main()  # rank 0 may take long; a training collective's timeout would cut it short

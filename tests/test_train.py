@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from encdec.checkpoint import atomic_folder, average_checkpoints, load_model_folder
-from encdec.config import RunConfig, from_dict
+from encdec.config import ConfigError, RunConfig, from_dict
 from encdec.train import Trainer, TranslationLoss, inverse_sqrt_lr, learning_rate
 from encdec.translator import load
 
@@ -95,6 +95,22 @@ def test_resume_continues_exactly(tmp_path, schedule):
         assert torch.equal(a, b), f"{name} differs after resume"
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8]
+
+
+
+def test_a_run_folder_continues_only_under_the_same_settings(tmp_path, capsys):
+    make_reverse_task(tmp_path / "data", n_train=200, n_dev=10)
+    Trainer(reverse_config(tmp_path / "data", max_steps=4), tmp_path / "run").train()
+    changed = reverse_config(tmp_path / "data", max_steps=4)
+    changed.model["dropout"] = 0.3
+    with pytest.raises(ConfigError, match=r"other settings \(model.dropout: 0.1 -> 0.3\).*new --run folder"):
+        Trainer(changed, tmp_path / "run")
+    with pytest.raises(ConfigError, match="train.lr: 0.003 -> 0.001"):
+        Trainer(reverse_config(tmp_path / "data", max_steps=4, lr=0.001), tmp_path / "run")
+    # A longer budget continues the same run, and says so.
+    longer = Trainer(reverse_config(tmp_path / "data", max_steps=8), tmp_path / "run")
+    assert longer.step == 4
+    assert "train.max_steps: 4 -> 8" in capsys.readouterr().out
 
 
 def test_checkpoints_best_and_average(tmp_path):
