@@ -89,6 +89,29 @@ class KVCache:
         self._k, self._v = new_k, new_v
 
 
+def fold_groups(q: Tensor, groups: int) -> Tensor:
+    """``(sentences * groups, heads, len, head_dim)`` queries -> ``(sentences, heads, groups * len, head_dim)``.
+
+    The ``groups`` beams of a sentence attend to the same encoder keys and values, so they can
+    be one sentence's queries: one matrix product per sentence and head, and the keys and values
+    are neither repeated per beam nor re-read for each. ``groups == 1`` returns ``q`` as it is.
+    """
+    if groups == 1:
+        return q
+    n, heads, length, dim = q.shape
+    return q.view(n // groups, groups, heads, length, dim).transpose(1, 2).reshape(
+        n // groups, heads, groups * length, dim)
+
+
+def unfold_groups(x: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`fold_groups` (also for attention weights, whose last dimension is the keys')."""
+    if groups == 1:
+        return x
+    n, heads, rows, last = x.shape
+    return x.view(n, heads, groups, rows // groups, last).transpose(1, 2).reshape(
+        n * groups, heads, rows // groups, last)
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
     """``F.scaled_dot_product_attention``; bf16 on a CPU runs in float32.
 
@@ -175,7 +198,9 @@ class MultiHeadAttention(nn.Module):
             mask: bool, broadcastable to ``(batch, heads, tgt_len, key_len)``.
             cache: for incremental decoding. Self-attention appends this step's keys
                 and values to it; encoder-decoder attention computes them from
-                ``memory`` on the first call and reuses them afterwards.
+                ``memory`` on the first call and reuses them afterwards. An
+                encoder-decoder cache may hold each sentence once for ``g``
+                consecutive rows of ``x`` (its beams); ``mask`` is then per sentence.
         Returns:
             ``(batch, tgt_len, d_model)``.
         """
@@ -192,20 +217,27 @@ class MultiHeadAttention(nn.Module):
                 if cache.k is None:
                     cache.append(*self.project_keys_values(memory))
                 k, v = cache.k, cache.v
+        # Beam search keeps each sentence's encoder keys and values once, for all its beams:
+        # then the beams are folded into the query positions of their sentence.
+        groups, rest = divmod(q.size(0), k.size(0))
+        if rest:
+            raise ValueError(f"{q.size(0)} query rows for {k.size(0)} cached sentences: not a whole number of beams each")
+        q = fold_groups(q, groups)
         dropout = self.dropout if self.training else 0.0
         if self.record_weights:
-            out = self._attention_with_weights(q, k, v, mask, dropout)
+            out = self._attention_with_weights(q, k, v, mask, dropout, groups)
         else:
             out = _attend(q, k, v, mask, dropout)
+        out = unfold_groups(out, groups)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
     def _attention_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                                dropout: float) -> Tensor:
+                                dropout: float, groups: int = 1) -> Tensor:
         """softmax(Q K^T / sqrt(d_k)) V, written out so the weights can be kept."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(dim=-1)
-        self.weights = weights.detach()
+        self.weights = unfold_groups(weights.detach(), groups)
         return F.dropout(weights, dropout, training=dropout > 0) @ v

@@ -49,23 +49,22 @@ class DecoderCache:
         """Number of target positions decoded so far."""
         return len(self.self_attn[0])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep (and repeat) batch rows ``index``, e.g. the surviving beams."""
-        for cache in self.self_attn + self.cross_attn:
-            cache.reorder(index)
-
     def fill_cross_attention(self, decoder: "Decoder", memory: Tensor) -> None:
         """Compute every layer's encoder-decoder keys and values from ``memory`` ``(batch, src_len, d_model)``.
 
-        Done before :meth:`reorder` repeats rows for the beams, each sentence's keys and
-        values are computed once rather than once per beam.
+        They are kept once per sentence, however many beams (consecutive decoder rows) it has.
         """
         for layer, cache in zip(decoder.layers, self.cross_attn):
             cache.append(*layer.cross_attn.project_keys_values(memory))
 
     def reorder_self_attention(self, index: Tensor) -> None:
-        """Reorder only the per-hypothesis part (rows moving among one sentence's beams)."""
+        """Keep (and repeat) hypothesis rows ``index``: the surviving beams."""
         for cache in self.self_attn:
+            cache.reorder(index)
+
+    def reorder_cross_attention(self, index: Tensor) -> None:
+        """Keep sentences ``index`` (those not finished yet)."""
+        for cache in self.cross_attn:
             cache.reorder(index)
 
 

@@ -43,21 +43,17 @@ class _Step:
     """The source mask and cache of the live rows, and one decoding step.
 
     The encoder-decoder keys and values are computed from the encoder output once
-    per sentence, then repeated for its ``repeat`` beams; the encoder output itself
-    is not read again.
+    per sentence and kept once per sentence, shared by its ``repeat`` beams (the
+    decoder rows ``i * repeat`` to ``(i + 1) * repeat - 1``); the source mask is per
+    sentence too, and the encoder output itself is not read again.
     """
 
-    def __init__(self, model: Transformer, src: Tensor, repeat: int, steps: int) -> None:
+    def __init__(self, model: Transformer, src: Tensor, steps: int) -> None:
         self.model = model
-        src_mask = padding_mask(src, model.cfg.pad_id)
-        self.memory = model.encode(src, src_mask)
+        self.src_mask = padding_mask(src, model.cfg.pad_id)
+        self.memory = model.encode(src, self.src_mask)
         self.cache: DecoderCache = model.new_cache(capacity=steps)
         self.cache.fill_cross_attention(model.decoder, self.memory)
-        if repeat > 1:
-            rows = torch.arange(src.size(0), device=src.device).repeat_interleave(repeat)
-            self.cache.reorder(rows)
-            src_mask = src_mask.index_select(0, rows)
-        self.src_mask = src_mask
 
     def logits(self, last: Tensor) -> Tensor:
         """Next-token logits ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
@@ -67,18 +63,13 @@ class _Step:
     def log_probs(self, last: Tensor) -> Tensor:
         return F.log_softmax(self.logits(last), dim=-1)
 
-    def keep(self, rows: Tensor, same_sentences: bool = False) -> None:
-        """Keep (reorder, repeat) the given rows of everything held per row.
-
-        ``same_sentences``: the rows only move among the beams of each sentence.
-        Everything derived from the source is identical across those beams, so
-        only the self-attention cache (which differs per beam) is reordered.
-        """
-        if same_sentences:
-            self.cache.reorder_self_attention(rows)
-            return
-        self.src_mask = self.src_mask.index_select(0, rows)
-        self.cache.reorder(rows)
+    def keep(self, rows: Tensor, sentences: Tensor | None = None) -> None:
+        """Keep (reorder, repeat) hypothesis ``rows``; ``sentences``: the live sentences that
+        stay, where some have finished (``None``: all stay, rows only move among their beams)."""
+        self.cache.reorder_self_attention(rows)
+        if sentences is not None:
+            self.src_mask = self.src_mask.index_select(0, sentences)
+            self.cache.reorder_cross_attention(sentences)
 
 
 @torch.inference_mode()
@@ -88,7 +79,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     cfg = model.cfg
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
     steps = int(limit.max())
-    step = _Step(model, src, repeat=1, steps=steps)
+    step = _Step(model, src, steps=steps)
     device = src.device
     alive = torch.arange(src.size(0), device=device)  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
@@ -103,7 +94,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
             break
         if n_done:
             rows = (~done).nonzero().squeeze(1)
-            step.keep(rows)
+            step.keep(rows, sentences=rows)
             alive, last = alive[rows], last[rows]
     return [row[: row.index(-1)] if -1 in row else row for row in out.tolist()]
 
@@ -125,7 +116,7 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
     cfg, k = model.cfg, beam_size
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
-    step = _Step(model, src, repeat=k, steps=int(limit.max()))
+    step = _Step(model, src, steps=int(limit.max()))
     batch, device = src.size(0), src.device
     alive = torch.arange(batch, device=device)
     tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
@@ -162,5 +153,5 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         rows = rows[keep].view(-1)
         tokens = torch.cat([tokens[rows], next_token[keep].view(-1, 1)], dim=1)
         scores, alive = go_scores[keep], alive[keep]
-        step.keep(rows, same_sentences=len(keep) == n)
+        step.keep(rows, sentences=None if len(keep) == n else keep)
     return [sorted(h, key=lambda h: -h.score)[:n_best] for h in finished]

@@ -118,3 +118,27 @@ def test_bf16_autocast_attention_is_close_to_float32_and_stays_bf16():
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
     got.float().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_beams_sharing_their_sentence_cache_equal_repeated_keys_and_values(record):
+    """Beam search keeps each sentence's encoder keys/values once for its beams (folded into query
+    positions): the same outputs and weights as repeating them per beam, padding included."""
+    attn = MultiHeadAttention(16, 4).eval()
+    attn.record_weights = record
+    beams, memory = 3, torch.randn(2, 7, 16)
+    mask = padding_mask(torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), 0)
+    x = torch.randn(2 * beams, 1, 16)
+    shared, repeated = KVCache(), KVCache()
+    shared.append(*attn.project_keys_values(memory))
+    repeated.append(*attn.project_keys_values(memory.repeat_interleave(beams, 0)))
+    got = attn(x, memory, mask, cache=shared)
+    got_weights = attn.weights
+    want = attn(x, memory, mask.repeat_interleave(beams, 0), cache=repeated)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if record:
+        assert got_weights.shape == (2 * beams, 4, 1, 7)
+        torch.testing.assert_close(got_weights, attn.weights)
+        assert not got_weights[beams:, :, :, 4:].any(), "padded source positions get no weight"
+    with pytest.raises(ValueError, match="whole number of beams"):
+        attn(x[:5], memory, mask, cache=shared)
