@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import padding_mask
@@ -60,9 +59,6 @@ class _Step:
         hidden = self.model.decode(last[:, None], self.memory, self.src_mask, self.cache)
         return self.model.project(hidden[:, -1]).float()
 
-    def log_probs(self, last: Tensor) -> Tensor:
-        return F.log_softmax(self.logits(last), dim=-1)
-
     def keep(self, rows: Tensor, sentences: Tensor | None = None) -> None:
         """Keep (reorder, repeat) hypothesis ``rows``; ``sentences``: the live sentences that
         stay, where some have finished (``None``: all stay, rows only move among their beams)."""
@@ -70,6 +66,35 @@ class _Step:
         if sentences is not None:
             self.src_mask = self.src_mask.index_select(0, sentences)
             self.cache.reorder_cross_attention(sentences)
+
+
+def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
+                       eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``m`` best one-token continuations of each sentence's beams.
+
+    Args:
+        logits: next-token logits of every beam, ``(sentences * beams, vocab)``.
+        scores: the beams' log-probabilities so far, ``(sentences, beams)``.
+        at_limit: ``(sentences * beams,)`` bool: beams that may only end now (length limit).
+    Returns:
+        scores, beam and token of the best continuations, each ``(sentences, m')`` with
+        ``m' = min(m, beams * candidates)``, best first.
+
+    A continuation's score is the beam's plus ``logit - logsumexp(logits)``, the same offset
+    for a whole row, so a sentence's best ``m`` are among each beam's best ``m`` logits: only
+    those ``beams * m`` are ranked, and no ``(rows, vocab)`` log-softmax is written.
+    """
+    n, beams = scores.shape
+    per_row = min(m, logits.size(1))
+    best, token = logits.topk(per_row, dim=1)
+    total = scores.reshape(-1, 1) + (best - logits.logsumexp(1, keepdim=True))
+    if at_limit.any():  # only the end token: one candidate, the rest -inf
+        forced = scores.reshape(-1)[at_limit] + (logits[at_limit, eos_id] - logits[at_limit].logsumexp(1))
+        total[at_limit] = float("-inf")
+        total[at_limit, 0] = forced
+        token[at_limit, 0] = eos_id
+    top_scores, index = total.view(n, beams * per_row).topk(min(m, beams * per_row), dim=1)
+    return top_scores, index // per_row, token.view(n, beams * per_row).gather(1, index)
 
 
 @torch.inference_mode()
@@ -125,16 +150,9 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for t in range(1, int(limit.max()) + 1):
         n = alive.numel()
-        log_probs = step.log_probs(tokens[:, -1])
-        vocab = log_probs.size(-1)
         at_limit = (limit[alive] <= t).repeat_interleave(k)
-        if at_limit.any():  # force the end token where the length limit is reached
-            forced = torch.full_like(log_probs[0], float("-inf"))
-            forced[cfg.eos_id] = 0.0
-            log_probs[at_limit] = forced + log_probs[at_limit, cfg.eos_id : cfg.eos_id + 1]
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)
-        top_beam, top_token = top_index // vocab, top_index % vocab
+        top_scores, top_beam, top_token = best_continuations(step.logits(tokens[:, -1]), scores, 2 * k,
+                                                             at_limit, cfg.eos_id)
         is_eos = top_token == cfg.eos_id
         penalty = length_penalty(t, alpha)
         for i, j in (is_eos[:, :k] & top_scores[:, :k].isfinite()).nonzero().tolist():

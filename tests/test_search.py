@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from encdec.search import beam_search, greedy_search, length_penalty
+from encdec.search import beam_search, best_continuations, greedy_search, length_penalty
 
 from conftest import tiny_model
 
@@ -73,3 +73,28 @@ def test_length_limit_is_respected(model):
 def test_n_best_larger_than_beam_is_rejected(model):
     with pytest.raises(ValueError, match="n_best"):
         beam_search(model, _sources(model.cfg), beam_size=2, n_best=3)
+
+
+@pytest.mark.parametrize("m", [2, 6, 40])
+def test_best_continuations_equal_ranking_every_log_probability(m):
+    """Ranking each beam's best m logits finds a sentence's best m of all beams x vocab continuations,
+    with -inf (unused) beams and beams forced to end at the length limit."""
+    g = torch.Generator().manual_seed(0)
+    sentences, beams, vocab, eos = 4, 3, 11, 2
+    logits = torch.randn(sentences * beams, vocab, generator=g) * 3
+    scores = -torch.rand(sentences, beams, generator=g) * 5
+    scores[0, 1:] = float("-inf")
+    at_limit = torch.zeros(sentences * beams, dtype=torch.bool)
+    at_limit[3:6] = True  # sentence 1 is at its limit
+    log_probs = logits.log_softmax(1)
+    forced = torch.full_like(log_probs, float("-inf"))
+    forced[:, eos] = log_probs[:, eos]
+    log_probs = torch.where(at_limit[:, None], forced, log_probs)
+    want_scores, want_index = (scores.view(-1, 1) + log_probs).view(sentences, -1).topk(min(m, beams * vocab), dim=1)
+    got_scores, got_beam, got_token = best_continuations(logits, scores, m, at_limit, eos)
+    finite = want_scores.isfinite()
+    assert torch.equal(finite, got_scores.isfinite())
+    torch.testing.assert_close(got_scores[finite], want_scores[finite])
+    assert torch.equal(got_beam[finite], (want_index // vocab)[finite])
+    assert torch.equal(got_token[finite], (want_index % vocab)[finite])
+    assert (got_token[1][got_scores[1].isfinite()] == eos).all()
