@@ -6,7 +6,7 @@ transformers = pytest.importorskip("transformers")  # a test extra: installed by
 
 from encdec import padding_mask
 from encdec.marian import load_marian
-from encdec.search import greedy_search
+from encdec.search import beam_search, greedy_search
 
 PAD, EOS = 59, 0
 
@@ -64,6 +64,24 @@ def test_greedy_decoding_gives_identical_tokens(tmp_path):
     got = greedy_search(ours, src, max_len_ratio=0.0, max_len_extra=31)  # 30 tokens + the end
     assert got == expected
     assert len({len(tokens) for tokens in got}) > 1, "the test needs outputs of several lengths"
+
+
+
+def test_beam_search_gives_the_tokens_of_generate(tmp_path):
+    """Beam 4 without length penalty, stopping at 4 finished hypotheses: HF's early_stopping=True."""
+    hf, ours = make_marian(tmp_path)
+    src = sources()
+    with torch.no_grad():
+        generated = hf.generate(input_ids=src, attention_mask=(src != PAD).long(), num_beams=4, do_sample=False,
+                                max_new_tokens=30, length_penalty=0.0, early_stopping=True, forced_eos_token_id=None)
+    expected = []
+    for row in generated.tolist():
+        row = row[1:]
+        expected.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
+    got = [hyps[0].tokens for hyps in beam_search(ours, src, beam_size=4, alpha=0.0, max_len_ratio=0.0,
+                                                   max_len_extra=31)]
+    assert got == expected
+    assert got != greedy_search(ours, src, max_len_ratio=0.0, max_len_extra=31), "beam search should matter here"
 
 
 def test_not_a_marian_folder_is_a_clear_error(tmp_path):
