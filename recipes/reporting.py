@@ -1,15 +1,18 @@
-"""What the recipes' reports share: timed decoding at each precision this CPU runs well, and the
-line that says how a model was trained (steps, minutes, threads, schedule, precision)."""
+"""What the recipes' reports share: choosing the model to report on the dev set (the kept best or an
+average of the last checkpoints), timed decoding at each precision this CPU runs well, and the line
+that says how a model was trained (steps, minutes, threads, schedule, precision)."""
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
 
 from encdec import load
+from encdec.checkpoint import average_checkpoints
 from encdec.plots import read_log
 from encdec.train import bf16_is_native
 
@@ -46,3 +49,22 @@ def training_summary(run: Path, wall_seconds: float | None = None) -> str:
             f"{threads} CPU thread(s) on this {os.cpu_count()}-core machine, from scratch{wall};\n"
             f"  learning-rate schedule `{train.get('schedule', 'inverse_sqrt')}`, "
             f"precision `{precision}`.")
+
+
+def select_on_dev(run: Path, dev_score: Callable[[Path], float], higher_is_better: bool,
+                  last: tuple[int, ...] = (2, 3, 5)) -> tuple[Path, str]:
+    """The model to report: ``run/best`` or the average of the last ``n`` step checkpoints (written
+    to ``run/averaged-last-n``), whichever ``dev_score`` (a dev-set metric of a model folder) ranks
+    first; never the test set. Returns the folder and a Markdown bullet with every candidate's score.
+    """
+    checkpoints = sorted((run / "checkpoints").glob("step-*[0-9]"))
+    candidates = {"the best validation (`best/`)": run / "best"}
+    for n in sorted({min(n, len(checkpoints)) for n in last if len(checkpoints) >= 2}):
+        folder = run / f"averaged-last-{n}"
+        average_checkpoints(checkpoints[-n:], folder)
+        steps = [int(c.name.removeprefix("step-")) for c in checkpoints[-n:]]
+        candidates[f"the average of the last {n} checkpoints (steps {steps[0]}-{steps[-1]})"] = folder
+    scores = {name: dev_score(folder) for name, folder in candidates.items()}
+    chosen = (max if higher_is_better else min)(scores, key=scores.get)  # ties: the first, best/
+    listed = "; ".join(f"{name} {score:.2f}" for name, score in scores.items())
+    return candidates[chosen], f"- Model, chosen on dev (greedy): {listed}; reported: {chosen}."

@@ -29,3 +29,32 @@ def test_training_summary_defaults_and_resolves_auto_precision(tmp_path):
     resolved = "bf16" if bf16_is_native(torch.device("cpu")) else "fp32"
     assert "wall time" not in line and "`inverse_sqrt`" in line and f"precision `auto: {resolved} here`" in line
 
+
+
+def test_select_on_dev_compares_best_with_averages_of_the_last_checkpoints(tmp_path):
+    from test_train import make_reverse_task, reverse_config
+    from encdec.checkpoint import load_model_folder
+    from encdec.train import Trainer
+    from recipes.reporting import select_on_dev
+
+    make_reverse_task(tmp_path / "data", n_train=200, n_dev=10)
+    run = tmp_path / "run"
+    Trainer(reverse_config(tmp_path / "data", max_steps=6, validate_every=2), run).train()  # steps 2, 4, 6
+    seen = []
+
+    def fake_dev_score(folder):  # a stand-in metric: prefers the 2-checkpoint average
+        seen.append(folder.name)
+        return {"averaged-last-2": 3.0, "best": 2.0}.get(folder.name, 1.0)
+    chosen, line = select_on_dev(run, fake_dev_score, higher_is_better=True, last=(2, 5))
+    assert seen == ["best", "averaged-last-2", "averaged-last-3"]  # 5 is capped at the 3 checkpoints kept
+    assert chosen == run / "averaged-last-2"
+    assert "the average of the last 2 checkpoints (steps 4-6) 3.00" in line and line.endswith("(steps 4-6).")
+    chosen, _ = select_on_dev(run, fake_dev_score, higher_is_better=False, last=(2, 5))
+    assert chosen == run / "averaged-last-3"
+    # the averaged folder is a model whose weights are the checkpoints' mean
+    mean = {k: (a + b) / 2 for (k, a), b in zip(load_model_folder(run / "checkpoints" / "step-00000004")[0]
+                                               .state_dict().items(),
+                                               load_model_folder(run / "checkpoints" / "step-00000006")[0]
+                                               .state_dict().values())}
+    for k, v in load_model_folder(run / "averaged-last-2")[0].state_dict().items():
+        torch.testing.assert_close(v, mean[k])

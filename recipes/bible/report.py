@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
-from recipes.reporting import decoding_precisions, row_name, training_summary, translate  # noqa: E402
+from recipes.reporting import (decoding_precisions, row_name, select_on_dev, training_summary,  # noqa: E402
+                               translate)
 
 
 # Carlson, Riddell & Rockmore (2018), test BLEU (multi-bleu.perl on untokenized text = sacreBLEU tokenize='none').
@@ -39,7 +40,10 @@ def main() -> None:
 
     sources = (args.data / "test.src").read_text(encoding="utf-8").splitlines()
     refs = (args.data / "test.tgt").read_text(encoding="utf-8").splitlines()
-    model_dir = args.run / "best"
+    dev_sources = (args.data / "dev.src").read_text(encoding="utf-8").splitlines()
+    dev_refs = (args.data / "dev.tgt").read_text(encoding="utf-8").splitlines()
+    model_dir, selection = select_on_dev(
+        args.run, lambda folder: bleu(translate(folder, dev_sources, beam=1)[0], dev_refs), higher_is_better=True)
     rows, timings = [("copy the source", sources)], []
     for precision in decoding_precisions():
         outputs, seconds = translate(model_dir, sources, precision, beam=args.beam)
@@ -64,7 +68,8 @@ def main() -> None:
 |---|---|---|---|
 {chr(10).join(table)}
 
-- Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]}, the model kept.
+- Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]} in training, the model kept as `best/`.
+{selection}
 {training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 - Decoding the test set: {', '.join(timings)} (beam {args.beam}, {torch.get_num_threads()} thread(s)).

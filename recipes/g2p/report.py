@@ -1,6 +1,6 @@
 """Score a trained G2P model on the CMUdict 0.7b test split and write benchmarks/results/g2p.md.
 
-    python recipes/g2p/report.py --model runs/g2p/best --run runs/g2p --data data/g2p
+    python recipes/g2p/report.py --run runs/g2p --data data/g2p      (or --model FOLDER to score that one)
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.g2p.prepare import load_references  # noqa: E402
-from recipes.reporting import decoding_precisions, row_name, training_summary, translate  # noqa: E402
+from recipes.reporting import (decoding_precisions, row_name, select_on_dev, training_summary,  # noqa: E402
+                               translate)
 
 PUBLISHED = [("Bidirectional LSTM (Yao & Zweig 2015)", 23.55, 5.45),
              ("Attention encoder-decoder ensemble (Toshniwal & Livescu 2016)", 20.24, 4.69)]
@@ -34,7 +35,7 @@ def score(model_dir: Path, refs_path: Path, beam: int, precision: str = "fp32") 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("runs/g2p/best"))
+    parser.add_argument("--model", type=Path, help="the model to score (default: chosen on dev from the run)")
     parser.add_argument("--run", type=Path, default=Path("runs/g2p"))
     parser.add_argument("--data", type=Path, default=Path("data/g2p"))
     parser.add_argument("--beam", type=int, default=5)
@@ -43,7 +44,13 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="the arguments run.sh passed on to encdec train")
     args = parser.parse_args()
 
-    dev_wer, dev_per, _, _ = score(args.model, args.data / "dev.refs.tsv", args.beam)
+    dev = args.data / "dev.refs.tsv"
+    selection = ""
+    if args.model is None:
+        args.model, selection = select_on_dev(args.run, lambda folder: score(folder, dev, beam=1)[0],
+                                              higher_is_better=False)
+        selection = selection.replace("(greedy)", "(greedy WER)") + "\n"
+    dev_wer, dev_per, _, _ = score(args.model, dev, args.beam)
     rows, timings = [f"| {name} | {w:.2f} | {p:.2f} |" for name, w, p in PUBLISHED], []
     for precision in decoding_precisions():
         wer, per, seconds, n = score(args.model, args.data / "test.refs.tsv", args.beam, precision)
@@ -65,15 +72,15 @@ phoneme error rate (edit distance to the closest reference / its length), in per
 |---|---|---|
 {chr(10).join(rows)}
 
-- Dev (every 20th package word, never the test set): WER {dev_wer:.2f}, PER {dev_per:.2f}
-  (model selected by greedy dev WER, at step {min(log, key=lambda r: r['wer'])['step']}).
-{training_summary(args.run, args.wall_seconds)}
+- Dev (every 20th package word, never the test set): WER {dev_wer:.2f}, PER {dev_per:.2f} (beam {args.beam});
+  in training, the best greedy dev WER was at step {min(log, key=lambda r: r['wer'])['step']} (`best/`).
+{selection}{training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 - Decoding the test set (beam {args.beam}, {torch.get_num_threads()} thread(s)): {', '.join(timings)}.
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/g2p/run.sh{extra}` (prepare, train with `recipes/g2p/config.yaml`, then
-`python recipes/g2p/report.py --model {args.model} --run {args.run}`).
+`python recipes/g2p/report.py --run {args.run}`, which chooses the model on dev; `--model {args.model}` scores this one).
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")

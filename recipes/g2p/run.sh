@@ -8,5 +8,5 @@ source recipes/tcmalloc.sh      # steadier memory and steps in long trainings
 python recipes/g2p/prepare.py --out data/g2p
 encdec train recipes/g2p/config.yaml --run runs/g2p "$@"
 # SECONDS: wall time of this invocation so far (data preparation, training, validations)
-python recipes/g2p/report.py --model runs/g2p/best --run runs/g2p --data data/g2p \
+python recipes/g2p/report.py --run runs/g2p --data data/g2p \
   --wall-seconds "$SECONDS" --extra "$*"
