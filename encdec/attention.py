@@ -204,7 +204,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ``(batch, tgt_len, d_model)``.
         """
-        d = self.d_model
+        d, groups = self.d_model, 1
         if memory is None:
             q, k, v = (self._split_heads(t) for t in self.in_proj(x).split(d, dim=-1))
             if cache is not None:
@@ -217,12 +217,13 @@ class MultiHeadAttention(nn.Module):
                 if cache.k is None:
                     cache.append(*self.project_keys_values(memory))
                 k, v = cache.k, cache.v
-        # Beam search keeps each sentence's encoder keys and values once, for all its beams:
-        # then the beams are folded into the query positions of their sentence.
-        groups, rest = divmod(q.size(0), k.size(0))
-        if rest:
-            raise ValueError(f"{q.size(0)} query rows for {k.size(0)} cached sentences: not a whole number of beams each")
-        q = fold_groups(q, groups)
+                # Beam search keeps each sentence's encoder keys and values once, for all its
+                # beams: then the beams are folded into the query positions of their sentence.
+                groups, rest = divmod(q.size(0), k.size(0))
+                if rest:
+                    raise ValueError(f"{q.size(0)} query rows for {k.size(0)} cached sentences: "
+                                     "not a whole number of beams each")
+                q = fold_groups(q, groups)
         dropout = self.dropout if self.training else 0.0
         if self.record_weights:
             out = self._attention_with_weights(q, k, v, mask, dropout, groups)

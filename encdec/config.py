@@ -247,7 +247,6 @@ def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]
     return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
 
 
-
 def check_resumable(cfg: RunConfig, saved: Path) -> dict[str, tuple[Any, Any]]:
     """Check that ``cfg`` may continue the run whose config was saved at ``saved`` (if any).
 

@@ -18,7 +18,6 @@ gold token plus ``eps / V`` everywhere (PyTorch's convention), so per row::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB in float32): rows = this // vocab, at least 64
