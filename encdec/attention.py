@@ -77,9 +77,20 @@ class KVCache:
         if not self.capacity or self._k.requires_grad:  # (out= copies cannot be differentiated)
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
             return
+        rows = index.numel()
+        if rows == self._k.size(0):
+            # The same rows, reordered (beams moving among their sentence's slots): where most rows
+            # stay put (beam search keeps a beam's continuation in its slot where it can), copying
+            # only the rows that move reads and writes less than a full gather.
+            moved = (index != torch.arange(rows, device=index.device)).nonzero().squeeze(1)
+            if 2 * moved.numel() <= rows:
+                if moved.numel():
+                    source = index[moved]
+                    self._k[:, :, : self.length].index_copy_(0, moved, self.k.index_select(0, source))
+                    self._v[:, :, : self.length].index_copy_(0, moved, self.v.index_select(0, source))
+                return
         # Preallocated: copy only the filled positions, into a second buffer that then swaps
         # with the first, so beam search's per-step reordering allocates nothing.
-        rows = index.numel()
         if self._spare is None or self._spare[0].size(0) < rows or self._spare[0].size(2) < self.length:
             self._spare = (self._k.new_empty(rows, *self._k.shape[1:]), self._v.new_empty(rows, *self._v.shape[1:]))
         new_k, new_v = self._spare[0][:rows], self._spare[1][:rows]

@@ -97,6 +97,26 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     return top_scores, index // per_row, token.view(n, beams * per_row).gather(1, index)
 
 
+def stay_in_place(parent: Tensor) -> Tensor:
+    """A column order for each sentence's surviving beams that keeps beams in their parents' slots.
+
+    ``parent`` ``(sentences, beams)``: the beam each survivor continues, best survivor first.
+    Returns ``order`` ``(sentences, beams)``: survivor ``order[i, s]`` goes to slot ``s``. The best
+    survivor continuing beam ``b`` gets slot ``b``; the others fill the free slots in rank order.
+    The slots' order means nothing to the search, but a survivor in its parent's slot needs no
+    copy of its cached keys and values (:meth:`KVCache.reorder`).
+    """
+    n, k = parent.shape
+    continues = torch.nn.functional.one_hot(parent, k).bool()  # (n, survivor, slot)
+    first = continues & (continues.cumsum(1) == 1)  # the best survivor continuing each parent
+    claims_slot, taken = first.any(2), first.any(1)  # (n, survivor), (n, slot)
+    slots = torch.arange(k, device=parent.device).expand(n, k)
+    free = torch.where(taken, slots + k, slots).sort(1).values  # free slots first, in order
+    rank = ((~claims_slot).cumsum(1) - 1).clamp(min=0)  # each other survivor's rank among the others
+    slot = torch.where(claims_slot, parent, free.gather(1, rank))
+    return slot.argsort(1)
+
+
 @torch.inference_mode()
 def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
                   max_len_extra: int = 10) -> list[list[int]]:
@@ -162,6 +182,8 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
                 finished[sentence].append(Hypothesis(tokens[row, 1:].tolist(), float(top_scores[i, j]) / penalty))
         # The best k candidates that do not end go on, for the sentences not yet done.
         go_scores, go_rank = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
+        order = stay_in_place(top_beam.gather(1, go_rank))
+        go_scores, go_rank = go_scores.gather(1, order), go_rank.gather(1, order)
         rows = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, go_rank)
         next_token = top_token.gather(1, go_rank)
         done = torch.tensor([len(finished[s]) >= k for s in alive.tolist()], device=device) | (limit[alive] <= t)

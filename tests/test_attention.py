@@ -92,10 +92,12 @@ def test_self_attention_cache_grows_in_place_or_by_reallocation(capacity):
 @pytest.mark.parametrize("capacity", [0, 3, 16])
 def test_cache_reorders_like_indexing_through_growth_and_pruning(capacity):
     """Beam search's pattern: append, reorder (with repeats), prune rows. The preallocated cache
-    swaps two buffers (and grows past its capacity of 3) and must still equal plain indexing."""
+    swaps two buffers (and grows past its capacity of 3), or copies only the moved rows in place
+    (nothing moves; one row of four moves; two of four swap), and must still equal plain indexing."""
     g = torch.Generator().manual_seed(0)
     cache, k_ref, v_ref, rows = KVCache(capacity), None, None, 4
-    for step, index in enumerate([[0, 0, 1, 2], [3, 1, 1, 0], [2, 0], [1, 1], [0]]):
+    for step, index in enumerate([[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 2, 3], [3, 1, 1, 0], [1, 0, 2, 3],
+                                  [2, 0], [1, 1], [0]]):
         k, v = torch.randn(2, rows, 2, 1, 3, generator=g).unbind(0)
         cache.append(k, v)
         k_ref = k if k_ref is None else torch.cat([k_ref, k], 2)

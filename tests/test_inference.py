@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from encdec.inference import PackedLinear, onednn_available, prepare_for_cpu
+from encdec import inference
+from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available,
+                              prepare_for_cpu, quantize_activations)
 from encdec.search import beam_search, greedy_search
 
 from conftest import random_batch, tiny_model
@@ -47,11 +49,24 @@ def test_packed_linear_equals_linear_for_few_and_many_rows(shape):
         torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_every_linear_is_quantized_and_the_float_model_is_kept():
+INT8_KINDS = ["fbgemm", pytest.param("onednn", marks=pytest.mark.skipif(
+    not int8_onednn_available(), reason="no oneDNN int8 matmul or no VNNI on this CPU"))]
+
+
+@pytest.fixture(params=INT8_KINDS)
+def int8_kind(request, monkeypatch):
+    """Both int8 paths of prepare_for_cpu: oneDNN's Int8Linear where the CPU allows, torch.ao's fbgemm."""
+    if request.param == "fbgemm":
+        monkeypatch.setattr(inference, "int8_onednn_available", lambda: False)
+    return request.param
+
+
+def test_every_linear_is_quantized_and_the_float_model_is_kept(int8_kind):
     model = tiny_model()
     quantized = prepare_for_cpu(model, "int8")
     assert not [name for name, m in quantized.named_modules() if type(m) is nn.Linear]
-    int8 = [m for m in quantized.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    kind = Int8Linear if int8_kind == "onednn" else torch.ao.nn.quantized.dynamic.Linear
+    int8 = [m for m in quantized.modules() if isinstance(m, kind)]
     # per layer: in_proj (q_proj and kv_proj for encoder-decoder attention) and out_proj per attention,
     # w_1 and w_2; plus the output layer
     cfg = model.cfg
@@ -59,9 +74,42 @@ def test_every_linear_is_quantized_and_the_float_model_is_kept():
     assert all(type(m) is nn.Linear for m in (model.output, model.encoder.layers[0].feed_forward.w_1))
 
 
-@pytest.mark.parametrize("precision", ["int8", pytest.param("bf16", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("shift", [0.0, 3.0, -3.0])
+def test_quantized_activations_round_trip_within_half_a_step(shift):
+    """Symmetric int8 over the largest magnitude: within half a step, zeros exact, the range used."""
+    x = torch.randn(6, 33) + shift
+    x[0, :5] = 0.0
+    q, scale = quantize_activations(x)
+    assert q.dtype == torch.int8 and scale.numel() == 1
+    back = q.float() * scale
+    assert (back - x).abs().max() <= scale / 2 + 1e-6
+    assert torch.equal(back[0, :5], torch.zeros(5))
+    assert q.abs().max() == 127
+    q, scale = quantize_activations(torch.zeros(3, 4))
+    assert torch.equal(q.float() * scale, torch.zeros(3, 4))
+
+
+@pytest.mark.skipif(not int8_onednn_available(), reason="no oneDNN int8 matmul or no VNNI on this CPU")
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 11), (2, 40), (160,)])  # below and above ONEDNN_ROWS
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_is_close_to_linear(shape, bias):
+    """Errors of int8 weights (per-row scales) and uint8 inputs stay small against the outputs' scale,
+    and a random error this small is what int8 rounding gives, not a misplaced scale or bias."""
+    linear = nn.Linear(64, 48, bias=bias)
+    x = torch.randn(*shape, 64)
+    with torch.no_grad():
+        y, reference = Int8Linear(linear)(x), linear(x)
+    assert y.shape == reference.shape and y.dtype == torch.float32
+    error = (y - reference).abs().max()
+    assert 0 < error < 0.02 * reference.abs().max()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-fbgemm", pytest.param("bf16", marks=pytest.mark.skipif(
     not onednn_available(), reason="this PyTorch build has no oneDNN"))])
-def test_low_precision_predictions_stay_close_to_float(precision):
+def test_low_precision_predictions_stay_close_to_float(precision, monkeypatch):
+    if precision == "int8-fbgemm":  # the fallback where the CPU has no VNNI
+        monkeypatch.setattr(inference, "int8_onednn_available", lambda: False)
+        precision = "int8"
     model = tiny_model(d_model=64, ff=128, src_vocab_size=50, tgt_vocab_size=50)
     src, tgt = random_batch(model.cfg, batch=8, src_len=12, tgt_len=10)
     with torch.no_grad():
@@ -82,7 +130,7 @@ def test_bf16_packs_every_linear_in_bf16():
         prepare_for_cpu(tiny_model(), "fp16")
 
 
-def test_int8_search_beam_1_equals_greedy():
+def test_int8_search_beam_1_equals_greedy(int8_kind):
     """(Not for bf16: its products round to 8 mantissa bits, so a different batch layout can flip a
     near-tie of a random model; bf16's closeness to float32 is tested above.)"""
     quantized = prepare_for_cpu(tiny_model(), "int8")

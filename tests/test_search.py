@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from encdec.search import beam_search, best_continuations, greedy_search, length_penalty
+from encdec.search import beam_search, best_continuations, greedy_search, length_penalty, stay_in_place
 
 from conftest import tiny_model
 
@@ -98,3 +98,18 @@ def test_best_continuations_equal_ranking_every_log_probability(m):
     assert torch.equal(got_beam[finite], (want_index // vocab)[finite])
     assert torch.equal(got_token[finite], (want_index % vocab)[finite])
     assert (got_token[1][got_scores[1].isfinite()] == eos).all()
+
+
+def test_stay_in_place_keeps_each_parent_s_best_survivor_in_its_slot():
+    """A permutation per sentence; the best survivor continuing beam b lands in slot b; the other
+    survivors keep their rank order in the free slots."""
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3, 5):
+        parent = torch.randint(0, k, (50, k), generator=g)
+        order = stay_in_place(parent)
+        assert torch.equal(order.sort(1).values, torch.arange(k).expand(50, k))
+        for ps, slots in zip(parent.tolist(), order.tolist()):
+            for b in set(ps):
+                assert slots[b] == ps.index(b)
+            others = [j for j in slots if ps.index(ps[j]) != j]
+            assert others == sorted(others)

@@ -1,0 +1,104 @@
+"""Time one Linear layer per kernel at decoding's shapes: why `encdec.inference` picks what it picks.
+
+    python benchmarks/linear_kernels.py             # base model's shapes, 2 threads (~1 min)
+    python benchmarks/linear_kernels.py --threads 1
+
+Decoding multiplies a few rows (one per live hypothesis: 1 for batch-1 greedy, 32 for batch-32
+greedy, 160 for batch-32 beam 5) by each weight matrix. For every (rows, in, out) this prints the
+median milliseconds per call of
+
+- `F.linear` (float32, MKL), `PackedLinear` float32 and bf16 (oneDNN blocked weights),
+- `fbgemm int8`: torch.ao dynamic quantization (what `prepare_for_cpu(.., "int8")` falls back to),
+- `oneDNN int8`: `Int8Linear`'s oneDNN product at any row count, `quantize only`: its activation
+  quantization alone (part of that time), and
+- `Int8Linear`: what `prepare_for_cpu(.., "int8")` uses where the CPU has VNNI / AMX-INT8 (oneDNN
+  from `Int8Linear.ONEDNN_ROWS` rows up, fbgemm below),
+
+and writes the table to `results/linear-kernels.md`. Measure on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encdec.inference import Int8Linear, PackedLinear, int8_onednn_available, onednn_available, quantize_activations
+from encdec.train import bf16_is_native
+
+SHAPES = [(512, 512), (512, 1024), (512, 2048), (2048, 512), (512, 32000)]  # (in, out) of the base model
+ROWS = [1, 5, 32, 160]
+
+
+def median_ms(fn, x: torch.Tensor, seconds: float = 0.25) -> float:
+    """Median of repeated timings, each long enough (>= ~2 ms) for the clock."""
+    fn(x)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.02:
+        fn(x)
+        calls += 1
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        times.append((time.perf_counter() - t) / calls * 1e3)
+    return statistics.median(times)
+
+
+def kernels(linear: nn.Linear) -> dict:
+    out = {"F.linear": lambda x: F.linear(x, linear.weight, linear.bias)}
+    if onednn_available():
+        out["PackedLinear fp32"] = PackedLinear(linear)
+        if bf16_is_native(torch.device("cpu")):
+            out["PackedLinear bf16"] = PackedLinear(linear, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        out["fbgemm int8"] = quantize_dynamic(nn.Sequential(copy.deepcopy(linear)),
+                                              {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    if int8_onednn_available():
+        out["oneDNN int8"] = Int8Linear(linear)
+        out["oneDNN int8"].ONEDNN_ROWS = 0
+        out["quantize only"] = quantize_activations
+        out["Int8Linear"] = Int8Linear(linear)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "linear-kernels.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows_out, names = [], None
+    with torch.inference_mode():
+        for n_in, n_out in SHAPES:
+            linear = nn.Linear(n_in, n_out).eval()
+            ks = kernels(linear)
+            names = list(ks)
+            for rows in ROWS:
+                x = torch.randn(rows, n_in)
+                ms = [median_ms(k, x) for k in ks.values()]
+                rows_out.append(f"| {rows} | {n_in} x {n_out} | " + " | ".join(f"{m:.3f}" for m in ms) + " |")
+                print(rows_out[-1], flush=True)
+    header = ["| rows | in x out | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "?")
+    text = "\n".join([f"# One Linear layer per kernel: median ms per call ({args.threads} threads)", "",
+                      f"{cpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. "
+                      f"Command: `python benchmarks/linear_kernels.py --threads {args.threads}`.", "",
+                      *header, *rows_out, ""])
+    args.out.write_text(text)
+    print("\n".join(header + rows_out))
+
+
+if __name__ == "__main__":
+    main()
