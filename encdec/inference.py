@@ -20,8 +20,9 @@ layers (attention projections, feed-forward, output layer) are replaced by
   results depend slightly on what else is in the batch). On CPUs with int8 dot
   products (AVX512-VNNI, AMX-INT8) :class:`Int8Linear` multiplies them with oneDNN;
   elsewhere torch's fbgemm dynamic quantization does (it keeps 7 bits of each
-  activation, which older CPUs need to avoid overflow). A quarter of the weight
-  memory of float32.
+  activation, which older CPUs need to avoid overflow). Half the weight memory
+  of float32 with oneDNN (it keeps fbgemm's int8 copy too, for inputs of few rows),
+  a quarter with fbgemm alone.
 
 Embeddings, layer norm and softmax stay float32.
 """
@@ -111,9 +112,9 @@ class Int8Linear(nn.Module):
     pre-packed for oneDNN; each call quantizes its input to int8 with :func:`quantize_activations`, so
     int8 x int8 products accumulate in int32 and oneDNN applies both scales and the float32 bias.
     ``python benchmarks/linear_kernels.py`` measured on a 2-thread AMX Xeon, 160 rows (batch-32
-    beam 5): 1.6 against fbgemm's 5.7 ms for the 512 x 32000 output layer, 0.27 against 0.42 ms for
-    512 x 2048; at 32 rows 0.61 against 1.14 ms (output layer), about even for the rest; but a call
-    costs oneDNN ~30 us more, so from 1 to 5 rows fbgemm is faster (0.025 against 0.055 ms at
+    beam 5): 1.7 against fbgemm's 6.0 ms for the 512 x 32000 output layer, 0.28 against 0.46 ms for
+    512 x 2048; at 32 rows 0.68 against 1.24 ms (output layer), about even for the rest; but a call
+    costs oneDNN ~30 us more, so from 1 to 5 rows fbgemm is faster (0.024 against 0.056 ms at
     512 x 512), and it keeps its own int8 copy of the weights for those. Inference only. See
     :func:`int8_onednn_available` for where it runs.
     """

@@ -68,6 +68,18 @@ class _Step:
             self.cache.reorder_cross_attention(sentences)
 
 
+def _logsumexp_rows(logits: Tensor, rows: int = 16) -> Tensor:
+    """``logits.logsumexp(1, keepdim=True)`` ``(n, 1)``, a few rows at a time.
+
+    A whole (160, 32000) float32 logsumexp makes 20 MB temporaries; glibc hands blocks that large
+    out as fresh pages, and their page faults measured 18 ms a call in beam 5 batch 32 decoding
+    against ~2 ms for the arithmetic. Temporaries of 16 rows (2 MB) are reused from the heap.
+    """
+    if logits.size(0) <= rows:
+        return logits.logsumexp(1, keepdim=True)
+    return torch.cat([chunk.logsumexp(1, keepdim=True) for chunk in logits.split(rows)])
+
+
 def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
                        eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``m`` best one-token continuations of each sentence's beams.
@@ -87,7 +99,7 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     n, beams = scores.shape
     per_row = min(m, logits.size(1))
     best, token = logits.topk(per_row, dim=1)
-    total = scores.reshape(-1, 1) + (best - logits.logsumexp(1, keepdim=True))
+    total = scores.reshape(-1, 1) + (best - _logsumexp_rows(logits))
     if at_limit.any():  # only the end token: one candidate, the rest -inf
         forced = scores.reshape(-1)[at_limit] + (logits[at_limit, eos_id] - logits[at_limit].logsumexp(1))
         total[at_limit] = float("-inf")
