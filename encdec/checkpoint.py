@@ -28,7 +28,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .config import ModelConfig, from_dict, to_dict
 from .model import Transformer, build_model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, default_file_mode, load_tokenizer
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
@@ -55,9 +55,11 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    mode = default_file_mode()
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(f, mode)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

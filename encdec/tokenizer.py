@@ -75,6 +75,18 @@ def _clean_lines(lines: Iterable[str]) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (0o644 under 0o022).
+
+    Temporary files (``tempfile.mkstemp``, and safetensors' own writer) are created 0o600;
+    files renamed into place from them get this mode, so a model folder is as readable as any
+    other file its user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers never see a half-written file."""
     path = Path(path)
@@ -83,6 +95,7 @@ def _atomic_write(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -8,6 +8,7 @@ import torch
 from encdec.checkpoint import atomic_folder, average_checkpoints, load_model_folder
 from encdec.config import ConfigError, RunConfig, from_dict
 from encdec.train import Trainer, TranslationLoss, inverse_sqrt_lr, learning_rate
+from encdec.tokenizer import default_file_mode
 from encdec.translator import load
 
 from conftest import random_batch, tiny_model
@@ -126,6 +127,11 @@ def test_checkpoints_best_and_average(tmp_path):
     for name, value in averaged.items():
         torch.testing.assert_close(value, sum(m[name] for m in models) / 3)
     assert load(tmp_path / "run" / "best").translate(["abc"])[0] is not None
+    # Weights and tokenizers are written through 0600 temporary files; the folders must still be
+    # as readable as any file the user writes (0644 under umask 022), e.g. to share a model.
+    for folder in [tmp_path / "run" / "best", tmp_path / "avg", *folders]:
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()}
+        assert set(modes.values()) == {oct(default_file_mode())}, (folder, modes)
 
 
 def test_interrupted_save_leaves_the_previous_folder_whole(tmp_path):
