@@ -99,9 +99,10 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     n, beams = scores.shape
     per_row = min(m, logits.size(1))
     best, token = logits.topk(per_row, dim=1)
-    total = scores.reshape(-1, 1) + (best - _logsumexp_rows(logits))
+    log_normaliser = _logsumexp_rows(logits)
+    total = scores.reshape(-1, 1) + (best - log_normaliser)
     if at_limit.any():  # only the end token: one candidate, the rest -inf
-        forced = scores.reshape(-1)[at_limit] + (logits[at_limit, eos_id] - logits[at_limit].logsumexp(1))
+        forced = scores.reshape(-1)[at_limit] + (logits[at_limit, eos_id] - log_normaliser[at_limit, 0])
         total[at_limit] = float("-inf")
         total[at_limit, 0] = forced
         token[at_limit, 0] = eos_id
