@@ -2,7 +2,8 @@
 
 A *model folder* holds everything needed to translate::
 
-    model.safetensors   weights
+    model.safetensors   weights (float32; or float16, or int8 matrices with per-row scales, see
+                        :func:`save_model_folder`; loading always gives float32)
     config.json         {"model": ModelConfig, "src_tokenizer": file, "tgt_tokenizer": file}
     src.tokenizer, tgt.tokenizer
 
@@ -14,7 +15,6 @@ Nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
 
 from .config import ModelConfig, from_dict, to_dict
+from .inference import quantize_rows
 from .model import Transformer, build_model
 from .tokenizer import Tokenizer, default_file_mode, load_tokenizer
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+WEIGHT_FORMATS = ("float32", "float16", "int8")
+INT8_SCALE = ":int8_scale"  # key suffix of an int8-stored matrix's per-row float32 scales
 TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
 
 
@@ -75,20 +79,52 @@ def resolve_folder(path: str | Path) -> Path:
 
 
 def save_model_folder(folder: Path, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer,
-                      extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
+                      extra: dict | None = None, weights: str = "float32") -> None:
     """Write weights, config and tokenizers into ``folder`` (an :func:`atomic_folder`).
 
-    ``dtype=torch.float16`` stores the weights at half size (for shipping); loading
-    always gives a float32 model.
+    ``weights`` is how ``model.safetensors`` stores them (loading always gives a float32 model):
+    ``"float32"``; ``"float16"``, half the size; ``"int8"``, a quarter: every matrix (the Linear
+    layers and the embeddings) as int8 with one float32 scale per row (:func:`encdec.inference.quantize_rows`,
+    the same rounding as int8 decoding, which therefore sees the same int8 weights), biases and
+    layer norms in float32.
     """
-    if dtype is not None:
-        model = copy.deepcopy(model).to(dtype)
-    save_model(model, str(folder / MODEL_FILE))  # handles shared/tied tensors
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if weights == "float32":
+        save_model(model, str(folder / MODEL_FILE))  # handles shared/tied tensors
+    else:
+        save_file(_compact_state(model, weights), str(folder / MODEL_FILE), metadata={"format": "pt"})
     src_tok.save(folder / "src.tokenizer")
     tgt_tok.save(folder / "tgt.tokenizer")
     config = {"model": to_dict(model.cfg), "src_tokenizer": "src.tokenizer", "tgt_tokenizer": "tgt.tokenizer",
               **(extra or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+
+
+def _compact_state(model: nn.Module, weights: str) -> dict[str, torch.Tensor]:
+    """The model's tensors in float16, or int8 matrices plus ``name + INT8_SCALE`` scales; tied
+    tensors (shared embeddings, tied output layer) once, under their first name."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        if weights == "float16" and tensor.is_floating_point():
+            state[name] = tensor.half().contiguous()
+        elif weights == "int8" and tensor.is_floating_point() and tensor.dim() == 2:
+            state[name], state[name + INT8_SCALE] = quantize_rows(tensor)
+        else:
+            state[name] = tensor.contiguous()
+    return state
+
+
+def stored_weights(folder: str | Path) -> str:
+    """Which of :data:`WEIGHT_FORMATS` a model folder's ``model.safetensors`` stores."""
+    with safe_open(str(resolve_folder(folder) / MODEL_FILE), "pt") as f:
+        keys = list(f.keys())
+        if any(key.endswith(INT8_SCALE) for key in keys):
+            return "int8"
+        return "float16" if any(f.get_slice(key).get_dtype() == "F16" for key in keys) else "float32"
 
 
 def read_config(folder: str | Path) -> dict:
@@ -118,15 +154,36 @@ def load_model_folder(folder: str | Path) -> tuple[Transformer, Tokenizer, Token
 
 
 def load_weights(model: Transformer, path: Path) -> None:
+    """Fill ``model`` (float32) from a ``model.safetensors`` in any of :data:`WEIGHT_FORMATS`."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the model folder is incomplete")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        state = _dequantize(load_file(str(path)), path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: corrupt or does not match config.json ({str(e).splitlines()[0]})") from None
+    # a tied tensor is stored under one of its names; loading that name filled the others
+    loaded = {model.state_dict()[name].data_ptr() for name in state if name in model.state_dict()}
+    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config.json "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def _dequantize(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """int8 matrices times their per-row scales, as float32."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(INT8_SCALE):
+            continue
+        if tensor.dtype == torch.int8:
+            scale = state.get(name + INT8_SCALE)
+            if scale is None or tensor.dim() != 2 or scale.shape != (tensor.size(0),):
+                raise CheckpointError(f"{path}: corrupt: int8 tensor {name} lacks its {INT8_SCALE} row scales; "
+                                      "export the model again")
+            tensor = tensor.float() * scale.float()[:, None]
+        out[name] = tensor
+    return out
 
 
 def save_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import WEIGHT_FORMATS, CheckpointError
 from .distributed import DistributedError
 
 G2P_MODEL = Path(__file__).resolve().parents[1] / "models" / "g2p-en"
@@ -65,10 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=5, help="how many of the run's last checkpoints (default 5)")
     p.add_argument("--out", type=Path, required=True, help="folder for the averaged model")
 
-    p = sub.add_parser("export", help="copy a model folder, optionally with float16 weights (half the size)")
+    p = sub.add_parser("export", help="copy a model folder, optionally with smaller (float16 or int8) weights")
     p.add_argument("--model", type=Path, required=True, help="model folder to export")
     p.add_argument("--out", type=Path, required=True, help="new model folder")
-    p.add_argument("--half", action="store_true", help="store weights as float16 (loading gives float32)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
+                   help="how to store the weights: float32 (default), float16 (half the size) or int8 "
+                        "(a quarter: matrices as int8 with per-row scales); loading always gives float32")
+    p.add_argument("--half", action="store_const", const="float16", dest="weights", help="same as --weights float16")
 
     p = sub.add_parser("g2p", help="English words -> ARPAbet phonemes with the shipped CMUdict model")
     p.add_argument("words", nargs="*", help="words to pronounce (default: one per line from stdin)")
@@ -163,14 +166,12 @@ def cmd_average(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import torch
-
     from .checkpoint import atomic_folder, load_model_folder, save_model_folder
 
     model, src_tok, tgt_tok, config = load_model_folder(args.model)
     extra = {k: v for k, v in config.items() if k not in ("model", "src_tokenizer", "tgt_tokenizer")}
     with atomic_folder(args.out) as tmp:
-        save_model_folder(tmp, model, src_tok, tgt_tok, extra, dtype=torch.float16 if args.half else None)
+        save_model_folder(tmp, model, src_tok, tgt_tok, extra, weights=args.weights)
     print(f"exported {args.model} to {args.out}")
 
 

@@ -104,6 +104,17 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.mul(1 / scale).round_().to(torch.int8), scale
 
 
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A matrix ``(rows, cols)`` as int8 with one scale per row: ``(q, scale)``, ``weight ~= q * scale[:, None]``.
+
+    Symmetric over each row's largest magnitude, so quantizing ``q * scale[:, None]`` again gives
+    the same ``q`` and ``scale`` (int8-stored models re-quantize exactly for int8 decoding).
+    """
+    weight = weight.detach().float()
+    scale = weight.abs().amax(1).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` as an int8 product, float32 in and out: oneDNN (AMX-INT8 or VNNI) for
     inputs of at least :attr:`ONEDNN_ROWS` rows, torch.ao's fbgemm kernel for fewer.
@@ -124,11 +135,9 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, rows_hint: int = 32) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        self.weight_scale = weight.abs().amax(1).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+        q, self.weight_scale = quantize_rows(linear.weight)
         self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.int64)
         self._zero = torch.zeros((), dtype=torch.int32)  # the inputs' zero point
-        q = torch.round(weight / self.weight_scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self.packed_weight = torch.ops.onednn.qlinear_prepack(q, [rows_hint, self.in_features])
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.few_rows = _quantize_int8(nn.Sequential(copy.deepcopy(linear)))[0]

@@ -13,7 +13,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from encdec.checkpoint import load_model_folder  # noqa: E402
+from encdec.checkpoint import load_model_folder, stored_weights  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.g2p.prepare import load_references  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/g2p.md"))
     parser.add_argument("--wall-seconds", type=float, help="wall time of preparation + training, from run.sh")
     parser.add_argument("--extra", default="", help="the arguments run.sh passed on to encdec train")
+    parser.add_argument("--shipped", type=Path, help="also score this exported copy (e.g. models/g2p-en)")
     args = parser.parse_args()
 
     dev = args.data / "dev.refs.tsv"
@@ -58,6 +59,14 @@ def main() -> None:
         name = row_name(precision, f"**encdec Transformer, one model, beam {args.beam}**")
         rows.append(f"| {name} | {cells} |")
         timings.append(f"{seconds:.1f} s in {precision} ({n / seconds:.0f} words/s)")
+    shipped = ""
+    if args.shipped is not None:
+        wer, per, _, _ = score(args.shipped, args.data / "test.refs.tsv", args.beam)
+        stored = stored_weights(args.shipped)
+        rows.append(f"| the shipped copy `{args.shipped}` ({stored} weights, float32 decoding) | {wer:.2f} | {per:.2f} |")
+        size = (args.shipped / "model.safetensors").stat().st_size / 2**20
+        shipped = (f"- Shipped: `encdec export --model {args.model} --out {args.shipped} --weights {stored}`, "
+                   f"{size:.1f} MiB of weights.\n")
     log = read_log(args.run)
     weights = args.model / "model.safetensors"
     params = load_model_folder(args.model)[0].num_parameters()
@@ -76,7 +85,7 @@ phoneme error rate (edit distance to the closest reference / its length), in per
   in training, the best greedy dev WER was at step {min(log, key=lambda r: r['wer'])['step']} (`best/`).
 {selection}{training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
-- Decoding the test set (beam {args.beam}, {torch.get_num_threads()} thread(s)): {', '.join(timings)}.
+{shipped}- Decoding the test set (beam {args.beam}, {torch.get_num_threads()} thread(s)): {', '.join(timings)}.
 - Training curve: `{curve.name}`.
 
 Reproduce: `bash recipes/g2p/run.sh{extra}` (prepare, train with `recipes/g2p/config.yaml`, then
