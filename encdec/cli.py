@@ -172,7 +172,8 @@ def cmd_export(args) -> None:
     extra = {k: v for k, v in config.items() if k not in ("model", "src_tokenizer", "tgt_tokenizer")}
     with atomic_folder(args.out) as tmp:
         save_model_folder(tmp, model, src_tok, tgt_tok, extra, weights=args.weights)
-    print(f"exported {args.model} to {args.out}")
+    size = (args.out / "model.safetensors").stat().st_size / 2**20
+    print(f"exported {args.model} to {args.out} ({args.weights} weights, {size:.1f} MiB)")
 
 
 def cmd_g2p(args) -> None:

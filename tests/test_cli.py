@@ -127,6 +127,7 @@ def test_smaller_exports_translate_alike(trained, flags, ratio):
     model, small = trained / "run" / "best", trained / f"export{'-'.join(flags)}"
     result = run_cli("export", "--model", model, "--out", small, *flags)
     assert result.returncode == 0, result.stderr
+    assert f"({'float16' if '--half' in flags else 'int8'} weights, " in result.stdout, result.stdout
     full_size = (model / "model.safetensors").stat().st_size
     assert (small / "model.safetensors").stat().st_size < ratio * full_size
     words = "abc\nbcd\nfed\n"
