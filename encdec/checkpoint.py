@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
 from .inference import quantize_rows
@@ -90,10 +90,7 @@ def save_model_folder(folder: Path, model: Transformer, src_tok: Tokenizer, tgt_
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
-    if weights == "float32":
-        save_model(model, str(folder / MODEL_FILE))  # handles shared/tied tensors
-    else:
-        save_file(_compact_state(model, weights), str(folder / MODEL_FILE), metadata={"format": "pt"})
+    save_file(_compact_state(model, weights), str(folder / MODEL_FILE), metadata={"format": "pt"})
     src_tok.save(folder / "src.tokenizer")
     tgt_tok.save(folder / "tgt.tokenizer")
     config = {"model": to_dict(model.cfg), "src_tokenizer": "src.tokenizer", "tgt_tokenizer": "tgt.tokenizer",
@@ -102,8 +99,9 @@ def save_model_folder(folder: Path, model: Transformer, src_tok: Tokenizer, tgt_
 
 
 def _compact_state(model: nn.Module, weights: str) -> dict[str, torch.Tensor]:
-    """The model's tensors in float16, or int8 matrices plus ``name + INT8_SCALE`` scales; tied
-    tensors (shared embeddings, tied output layer) once, under their first name."""
+    """The model's tensors as ``weights`` stores them (float16: floating tensors halved; int8:
+    matrices plus ``name + INT8_SCALE`` scales); tied tensors (shared embeddings, tied output
+    layer) once, under their first name."""
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:
@@ -163,8 +161,9 @@ def load_weights(model: Transformer, path: Path) -> None:
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: corrupt or does not match config.json ({str(e).splitlines()[0]})") from None
     # a tied tensor is stored under one of its names; loading that name filled the others
-    loaded = {model.state_dict()[name].data_ptr() for name in state if name in model.state_dict()}
-    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    params = model.state_dict()
+    loaded = {params[name].data_ptr() for name in state if name in params}
+    missing = [name for name in missing if params[name].data_ptr() not in loaded]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config.json "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
