@@ -1,4 +1,4 @@
-"""The ``encdec`` command: train, translate, evaluate, average, export, g2p, plot, quickstart.
+"""The ``encdec`` command: train, translate, evaluate, serve, average, export, g2p, plot, quickstart.
 
 User errors (bad config, missing files, corrupt checkpoints, unusable input)
 print one line, ``encdec: error: ...``, and exit with status 2: no traceback.
@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="text: BLEU and chrF (sacreBLEU); symbols: WER and PER, e.g. for G2P (default text)")
     p.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer for BLEU (default 13a; 'none' = raw)")
     p.add_argument("--output", type=Path, help="also write the outputs here")
+    _add_decoding_options(p)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: POST /translate, GET /health (API page at /docs)")
+    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
+    p.add_argument("--max-texts", type=int, default=1000, help="most texts one request may hold (default 1000)")
+    p.add_argument("--max-batch-sentences", type=int, default=64,
+                   help="requests arriving together are decoded as one batch of up to this many texts (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests before decoding (default 5 ms)")
     _add_decoding_options(p)
 
     p = sub.add_parser("average", help="average the weights of checkpoints into a new model folder")
@@ -153,6 +164,37 @@ def cmd_evaluate(args) -> None:
               f"({len(sources)} segments, tokenize={args.tokenize})")
 
 
+def cmd_serve(args) -> None:
+    import socket
+
+    import uvicorn
+
+    from .server import create_app
+    from .translator import load
+
+    for name in ("max_texts", "max_batch_sentences", "beam"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    translator = load(args.model, args.device, args.precision)
+    app = create_app(translator, name=str(args.model), precision=args.precision, beam=args.beam, alpha=args.alpha,
+                     max_len_ratio=args.max_len_ratio, max_texts=args.max_texts,
+                     max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms,
+                     batch_tokens=args.batch_tokens)
+    # Bind here, not in uvicorn, so that a taken port is a one-line error and port 0 can be reported.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # from here connections wait in the backlog until uvicorn accepts them
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.model} on http://{host}:{port} (POST /translate, GET /health, API page /docs)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
+
+
 def cmd_average(args) -> None:
     from .checkpoint import average_checkpoints
 
@@ -210,8 +252,8 @@ def cmd_quickstart(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate, "average": cmd_average,
-               "export": cmd_export, "g2p": cmd_g2p, "plot": cmd_plot, "quickstart": cmd_quickstart}[args.command]
+    command = {"train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate, "serve": cmd_serve,
+               "average": cmd_average, "export": cmd_export, "g2p": cmd_g2p, "plot": cmd_plot, "quickstart": cmd_quickstart}[args.command]
     try:
         command(args)
     except USER_ERRORS as e:

@@ -37,22 +37,30 @@ class Translator:
         and, with ``on_unknown="warn"``, are reported once on stderr
         (``"error"`` raises instead, ``"ignore"`` says nothing).
         """
-        limit = self.model.cfg.max_len - 1
-        encoded, unknown = [], set()
-        for n, sentence in enumerate(sentences, 1):
-            if on_unknown != "ignore":
-                unknown |= self.src_tok.unknown_symbols(sentence)
-            ids = self.src_tok.encode(sentence) + [self.model.cfg.eos_id]
-            if len(ids) > limit:
-                raise InputError(f"input {n} has {len(ids)} tokens but the model takes at most {limit}; "
-                                 "split it into shorter segments")
-            encoded.append(ids)
+        encoded, unknown = self.encode_checked(sentences, find_unknown=on_unknown != "ignore")
         if unknown:
             message = f"unknown symbols mapped to <unk>: {' '.join(sorted(unknown)[:20])}"
             if on_unknown == "error":
                 raise InputError(message)
             print(f"warning: {message}", file=sys.stderr)
         return encoded
+
+    def encode_checked(self, sentences: list[str], find_unknown: bool = True) -> tuple[list[list[int]], set[str]]:
+        """Source ids per sentence (end token included) and the set of symbols mapped to <unk>.
+
+        Raises :class:`InputError` naming the first input longer than the model takes.
+        """
+        limit = self.model.cfg.max_len - 1
+        encoded, unknown = [], set()
+        for n, sentence in enumerate(sentences, 1):
+            if find_unknown:
+                unknown |= self.src_tok.unknown_symbols(sentence)
+            ids = self.src_tok.encode(sentence) + [self.model.cfg.eos_id]
+            if len(ids) > limit:
+                raise InputError(f"input {n} has {len(ids)} tokens but the model takes at most {limit}; "
+                                 "split it into shorter segments")
+            encoded.append(ids)
+        return encoded, unknown
 
     def translate(self, sentences: list[str], beam: int = 1, alpha: float = 1.0, max_len_ratio: float = 2.0,
                   max_len_extra: int = 10, batch_tokens: int = 8000, on_unknown: str = "warn") -> list[str]:
@@ -68,7 +76,13 @@ class Translator:
         Sentences are sorted by length and decoded in batches of about
         ``batch_tokens`` source tokens (times the beam), then put back in order.
         """
-        encoded = self.encode(sentences, on_unknown)
+        return self.translate_encoded(self.encode(sentences, on_unknown), beam, alpha, max_len_ratio, max_len_extra,
+                                      n_best, batch_tokens)
+
+    def translate_encoded(self, encoded: list[list[int]], beam: int = 5, alpha: float = 1.0,
+                          max_len_ratio: float = 2.0, max_len_extra: int = 10, n_best: int = 1,
+                          batch_tokens: int = 8000) -> list[list[tuple[str, float]]]:
+        """:meth:`translate_nbest` for sentences already encoded (by :meth:`encode`)."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[list[tuple[str, float]]] = [[] for _ in encoded]
         start = 0

@@ -23,7 +23,7 @@ def assert_one_line_error(result, pattern):
 
 def test_help_explains_each_verb():
     result = run_cli("--help")
-    for verb in ("train", "translate", "evaluate", "average", "quickstart"):
+    for verb in ("train", "translate", "evaluate", "serve", "average", "quickstart"):
         assert verb in result.stdout
     assert "--beam" in run_cli("translate", "--help").stdout
 
