@@ -118,10 +118,15 @@ class TokenizerConfig:
     model_type: str = "unigram"
     character_coverage: float = 1.0
     min_count: int = 1
+    case: str = "keep"  # char/symbol: fold every text to "upper" or "lower" case first
 
     def __post_init__(self) -> None:
         _check_choice("data.tokenizer", "kind", self.kind, ("sentencepiece", "char", "symbol"))
         _check_choice("data.tokenizer", "model_type", self.model_type, ("unigram", "bpe"))
+        _check_choice("data.tokenizer", "case", self.case, ("keep", "upper", "lower"))
+        if self.case != "keep" and self.kind == "sentencepiece":
+            raise ConfigError("data.tokenizer.case: applies to char and symbol tokenizers only "
+                              "(sentencepiece keeps the case it was trained on)")
         _check_positive("data.tokenizer", self, "vocab_size", "min_count")
 
 

@@ -184,16 +184,24 @@ class SentencePieceTokenizer(Tokenizer):
         _atomic_write(path, self._sp.serialized_model_proto())
 
 
+CASES = {"keep": str, "upper": str.upper, "lower": str.lower}  # case folding of char/symbol tokenizers
+
+
 class VocabTokenizer(Tokenizer):
     """A fixed symbol inventory; subclasses say how text splits into symbols.
 
-    Subclasses define ``kind``, :meth:`split` and :meth:`join` only.
+    Subclasses define ``kind``, :meth:`split` and :meth:`join` only. ``case="upper"``
+    (or ``"lower"``) folds the case of every text before it is split, in training and
+    encoding alike, so a model trained on upper-case words (CMUdict) takes "hello" too.
     """
 
-    def __init__(self, symbols: Sequence[str]):
+    def __init__(self, symbols: Sequence[str], case: str = "keep"):
         """``symbols[i]`` gets id ``i``; the first four must be the specials."""
-        self.symbols = list(symbols)
+        if case not in CASES:
+            raise ValueError(f"case must be one of {sorted(CASES)}, got {case!r}")
+        self.symbols, self.case = list(symbols), case
         self._ids = {s: i for i, s in enumerate(self.symbols)}
+        self._fold = CASES[case]
 
     @staticmethod
     @abstractmethod
@@ -206,16 +214,17 @@ class VocabTokenizer(Tokenizer):
         """Symbols -> text; the inverse of :meth:`split` on normalized text."""
 
     @classmethod
-    def train(cls, lines: Iterable[str], path: str | Path, min_count: int = 1) -> VocabTokenizer:
-        """Collect the symbols of ``lines`` seen at least ``min_count`` times.
+    def train(cls, lines: Iterable[str], path: str | Path, min_count: int = 1, case: str = "keep") -> VocabTokenizer:
+        """Collect the symbols of ``lines`` (case-folded by ``case``) seen at least ``min_count`` times.
 
         Symbols are ordered by descending frequency (ties by code point), so
         the inventory is deterministic for a given corpus. Saved to ``path``.
         """
-        counts = Counter(s for line in _clean_lines(lines) for s in cls.split(line))
+        fold = CASES.get(case, str)
+        counts = Counter(s for line in _clean_lines(lines) for s in cls.split(fold(line)))
         kept = sorted((s for s, n in counts.items() if n >= min_count and s not in SPECIAL_SYMBOLS),
                       key=lambda s: (-counts[s], s))
-        tokenizer = cls([*SPECIAL_SYMBOLS, *kept])
+        tokenizer = cls([*SPECIAL_SYMBOLS, *kept], case)
         tokenizer.save(path)
         return tokenizer
 
@@ -228,23 +237,28 @@ class VocabTokenizer(Tokenizer):
                 or tuple(symbols[:4]) != SPECIAL_SYMBOLS or len(set(symbols)) != len(symbols)):
             raise ValueError(f"{source}: 'symbols' must be a list of distinct strings starting "
                              f"with {list(SPECIAL_SYMBOLS)}; {fix}")
-        return cls(symbols)
+        case = document.get("case", "keep")
+        if case not in CASES:
+            raise ValueError(f"{source}: 'case' must be one of {sorted(CASES)}, got {case!r}; {fix}")
+        return cls(symbols, case)
 
     @property
     def vocab_size(self) -> int:
         return len(self.symbols)
 
     def encode(self, text: str) -> list[int]:
-        return [self._ids.get(s, UNK_ID) for s in self.split(text)]
+        return [self._ids.get(s, UNK_ID) for s in self.split(self._fold(text))]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.join([self.symbols[i] for i in _without_specials(ids)])
 
     def unknown_symbols(self, text: str) -> set[str]:
-        return {s for s in self.split(text) if s not in self._ids}
+        return {s for s in self.split(self._fold(text)) if s not in self._ids}
 
     def save(self, path: str | Path) -> None:
         document = {"kind": self.kind, "symbols": self.symbols}
+        if self.case != "keep":
+            document["case"] = self.case
         _atomic_write(path, json.dumps(document, ensure_ascii=False, indent=0).encode("utf-8"))
 
 
@@ -272,7 +286,7 @@ def train_tokenizer(kind: str, lines: Iterable[str], path: str | Path, **options
     """Train a tokenizer of ``kind`` on ``lines``, save it to ``path``, return it.
 
     ``options`` go to the kind's ``train``: ``vocab_size``, ``model_type``,
-    ``character_coverage`` for sentencepiece; ``min_count`` for char/symbol.
+    ``character_coverage`` for sentencepiece; ``min_count`` and ``case`` for char/symbol.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(_KINDS)}")

@@ -113,7 +113,7 @@ def _train_tokenizer(cfg: TokenizerConfig, lines, path: Path) -> Tokenizer:
     if cfg.kind == "sentencepiece":
         options = dict(vocab_size=cfg.vocab_size, model_type=cfg.model_type, character_coverage=cfg.character_coverage)
     else:
-        options = dict(min_count=cfg.min_count)
+        options = dict(min_count=cfg.min_count, case=cfg.case)
     return train_tokenizer(cfg.kind, lines, path, **options)
 
 

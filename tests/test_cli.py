@@ -33,6 +33,8 @@ def test_help_explains_each_verb():
     ("data: {train: a.tsv, dev: b.tsv}\ntrain: {metric: blue}\n", "train.metric: 'blue' is not allowed"),
     ("data: {train: a.tsv}\n", "data.dev: required"),
     ("data: [unclosed\n", "not valid YAML"),
+    ("data: {train: a.tsv, dev: b.tsv, src_tokenizer: {kind: char, case: title}}\n", "case: 'title' is not allowed"),
+    ("data: {train: a.tsv, dev: b.tsv, src_tokenizer: {case: upper}}\n", "applies to char and symbol tokenizers only"),
 ])
 def test_bad_configs_give_one_line(tmp_path, capsys, text, message):
     config = tmp_path / "c.yaml"

@@ -31,3 +31,10 @@ def test_shipped_model_keeps_its_accuracy_on_the_test_split():
     # test split); the bounds leave room for float rounding, and fail on a broken or much worse model
     # (an older shipped model, 31.91 / 7.84 on the whole split, measured 32.67 / 7.48 here).
     assert wer <= 29.5 and per <= 7.0, f"WER {wer:.2f}, PER {per:.2f}"
+
+
+def test_translate_takes_any_case_with_the_shipped_model():
+    # the shipped source tokenizer folds case (`case: upper`): CMUdict spells words in capitals
+    result = run_cli("translate", "--model", G2P_MODEL, stdin="hello\nHELLO\nHello\n")
+    assert result.returncode == 0 and "unknown" not in result.stderr, result.stderr
+    assert len(set(result.stdout.splitlines())) == 1, result.stdout

@@ -75,6 +75,19 @@ def test_char_tokenizer_keeps_spaces_and_reports_unknowns(tmp_path):
     assert tok.unknown_symbols("axyb a") == {"x", "y"}
 
 
+@pytest.mark.parametrize("case, fold", [("upper", str.upper), ("lower", str.lower)])
+def test_case_folding_in_training_encoding_and_files(tmp_path, case, fold):
+    tok = train_tokenizer("char", ["Hello", "WORLD"], tmp_path / "c.json", case=case)
+    assert set(tok.symbols[4:]) == set(fold("HELOWRD")), "training lines are folded before counting"
+    assert tok.encode("hElLo") == tok.encode(fold("hello")) and UNK_ID not in tok.encode("world")
+    assert tok.unknown_symbols("Hello, World") == {",", " "}
+    assert tok.decode(tok.encode("Hello")) == fold("hello")
+    loaded = load_tokenizer(tmp_path / "c.json")
+    assert loaded.case == case and loaded.encode("wOrLd") == tok.encode("world")
+    kept = train_tokenizer("char", ["Hello"], tmp_path / "k.json")
+    assert UNK_ID in kept.encode("HELLO") and "case" not in json.loads((tmp_path / "k.json").read_text())
+
+
 def test_symbol_tokenizer_unknowns_and_min_count(tmp_path):
     tok = train_tokenizer("symbol", ["AH B", "AH K", "AH"], tmp_path / "s.json", min_count=2)
     assert tok.vocab_size == 5  # only AH is seen twice
@@ -97,6 +110,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
         b'{"kind": "char", "symbols": ["a"]}': "must be a list of distinct strings",
         b'{"kind": "words", "symbols": []}': "'kind' must be 'char' or 'symbol'",
         b'{"kind": "char", ': "not valid tokenizer JSON",
+        b'{"kind": "char", "symbols": ["<pad>", "<s>", "</s>", "<unk>"], "case": "title"}': "'case' must be one of",
     }
     for i, (data, message) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}"
