@@ -54,6 +54,10 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+def _refuse(job: _Job) -> None:
+    job.future.set_exception(ShuttingDown("the server is shutting down; send the request again"))
+
+
 class Batcher:
     """Merges queued requests into decoding batches on one worker thread.
 
@@ -68,18 +72,25 @@ class Batcher:
         self.batches = 0  # decoding calls made: fewer than requests when requests were merged
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="encdec-batcher", daemon=True)
+        self._stopped, self._lock = False, threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the batch in progress, refuse what is still queued, end the thread."""
-        self._queue.put(None)
+        with self._lock:
+            self._stopped = True
+            self._queue.put(None)
         self._thread.join()
 
     def submit(self, ids: list[list[int]], options: DecodingOptions) -> Future:
         job = _Job(ids, options)
-        self._queue.put(job)
+        with self._lock:  # so that no job lands behind the stop sentinel, where nobody would take it
+            if self._stopped:
+                _refuse(job)
+            else:
+                self._queue.put(job)
         return job.future
 
     def _run(self) -> None:
@@ -92,11 +103,11 @@ class Batcher:
             batch, held, stopping = self._gather(first, held)
             self._decode(batch)
         for job in held:
-            job.future.set_exception(ShuttingDown("the server is shutting down; send the request again"))
+            _refuse(job)
         while not self._queue.empty():
             job = self._queue.get()
             if job is not None:
-                job.future.set_exception(ShuttingDown("the server is shutting down; send the request again"))
+                _refuse(job)
 
     def _gather(self, first: _Job, held: deque[_Job]) -> tuple[list[_Job], deque[_Job], bool]:
         """``first`` and the held or queued jobs with its options, within the size and time limits."""

@@ -132,6 +132,9 @@ def test_stopping_refuses_what_is_still_queued(translator):
     with pytest.raises(ShuttingDown):
         future.result(timeout=60)
     batcher._thread.join(timeout=60)
+    batcher.stop()
+    with pytest.raises(ShuttingDown):  # after stop() a request fails at once instead of waiting forever
+        batcher.submit(translator.encode(["HELLO"]), DecodingOptions(1, 1.0, 1, 2.0)).result(timeout=1)
 
 
 def test_serve_verb_listens_and_answers():
