@@ -54,8 +54,8 @@ def test_n_best_lists_are_sorted_and_led_by_the_translation(client):
 
 
 def test_unknown_symbols_are_reported(client):
-    answer = client.post("/translate", json={"texts": ["HELLO", "hi5"]}).json()
-    assert answer["unknown_symbols"] == ["5", "h", "i"] and len(answer["translations"]) == 2
+    answer = client.post("/translate", json={"texts": ["HELLO", "hé5"]}).json()
+    assert answer["unknown_symbols"] == ["5", "É"] and len(answer["translations"]) == 2  # the tokenizer folds case
 
 
 @pytest.mark.parametrize("body, status, message", [
