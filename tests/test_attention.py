@@ -108,18 +108,28 @@ def test_cache_reorders_like_indexing_through_growth_and_pruning(capacity):
         assert torch.equal(cache.k, k_ref) and torch.equal(cache.v, v_ref), f"step {step}"
 
 
-def test_bf16_autocast_attention_is_close_to_float32_and_stays_bf16():
-    """Under CPU autocast, attention itself runs in float32 (faster backward); the output dtype is kept."""
-    attn = MultiHeadAttention(32, 4).train()
-    x = torch.randn(3, 6, 32, requires_grad=True)
-    mask = subsequent_mask(6)
-    want = attn(x, mask=mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = attn(x, mask=mask)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
-    got.float().sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+@pytest.mark.parametrize("training", [True, False])
+def test_bf16_autocast_attention_is_close_to_float32_and_stays_bf16(training):
+    """Under CPU autocast, training attends in bf16 written out, inference through float32 flash
+    attention; both stay close to float32 (output and gradients) and keep the bf16 dtype."""
+    attn = MultiHeadAttention(32, 4)
+    x = torch.randn(3, 6, 32)
+    tokens = torch.tensor([[5] * 6, [5] * 4 + [0] * 2, [5] * 2 + [0] * 4])
+    mask = subsequent_mask(6) & padding_mask(tokens, 0)
+    outputs, grads = [], []
+    for bf16 in (False, True):
+        attn.zero_grad()
+        inputs = x.clone().requires_grad_(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(training):
+            out = attn(inputs, mask=mask)
+        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        outputs.append(out.float())
+        if training:
+            (out.float() * torch.linspace(-1, 1, 32)).sum().backward()
+            grads.append((inputs.grad, attn.in_proj.weight.grad.clone()))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0.05, rtol=0.05)
+    for fp32, bf16 in zip(*grads):
+        torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("record", [False, True])
