@@ -253,7 +253,8 @@ def cmd_quickstart(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate, "serve": cmd_serve,
-               "average": cmd_average, "export": cmd_export, "g2p": cmd_g2p, "plot": cmd_plot, "quickstart": cmd_quickstart}[args.command]
+               "average": cmd_average, "export": cmd_export, "g2p": cmd_g2p, "plot": cmd_plot,
+               "quickstart": cmd_quickstart}[args.command]
     try:
         command(args)
     except USER_ERRORS as e:
