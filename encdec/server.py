@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from .translator import InputError, Translator
 
@@ -157,12 +157,6 @@ class TranslateRequest(BaseModel):
     n_best: int = Field(1, ge=1, description="return this many outputs per text, with scores")
     max_len_ratio: float | None = Field(None, gt=0.0, le=10.0, description="longest output / source length")
 
-    @model_validator(mode="after")
-    def _n_best_within_beam(self):
-        if self.beam is not None and self.n_best > self.beam:
-            raise ValueError(f"n_best={self.n_best} needs beam >= {self.n_best}, got beam={self.beam}")
-        return self
-
 
 def create_app(translator: Translator, name: str = "model", precision: str = "fp32", beam: int = 5,
                alpha: float = 1.0, max_len_ratio: float = 2.0, max_texts: int = 1000,
@@ -205,9 +199,10 @@ def create_app(translator: Translator, name: str = "model", precision: str = "fp
                                      f"{max_texts} (split the request or start it with a larger --max-texts)")
         options = DecodingOptions(request.beam or beam, alpha if request.alpha is None else request.alpha,
                                   request.n_best, request.max_len_ratio or max_len_ratio)
-        if options.n_best > options.beam:
+        if options.n_best > options.beam:  # one check for a given beam and for the default
+            which = "beam" if request.beam else "the default beam"
             raise HTTPException(422, f"n_best={options.n_best} needs beam >= {options.n_best}, "
-                                     f"got the default beam={options.beam}")
+                                     f"got {which}={options.beam}")
         try:
             ids, unknown = translator.encode_checked(request.texts)
         except InputError as e:
