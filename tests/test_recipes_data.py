@@ -16,11 +16,14 @@ from recipes.bible.prepare import (
     BOOKS,
     EDITIONS,
     _package_dir,
+    add_extra_sources,
     align,
     book_number,
     clean_verse,
     get_edition,
     load_edition,
+    parse_sources,
+    prepare,
     split_of,
     split_pairs,
 )
@@ -68,6 +71,27 @@ def test_align_drops_missing_and_empty_verses_and_splits_by_book():
     assert [key for key, _, _ in splits["train"]] == [(1, 1, 1)]
     assert [key for key, _, _ in splits["test"]] == [(7, 1, 1), (58, 2, 3)]  # Judges, Hebrews
     assert splits["dev"] == []
+
+
+def test_extra_sources_add_training_books_only_and_no_duplicate_pairs():
+    target = {(1, 1, 1): "A", (1, 1, 2): "B", (7, 1, 1): "C", (41, 1, 1): "D"}
+    main = {(1, 1, 1): "a", (7, 1, 1): "c", (41, 1, 1): "d"}
+    other = {(1, 1, 1): "a", (1, 1, 2): "b2", (7, 1, 1): "c2", (41, 1, 1): "d2"}  # (1,1,1) as main
+    third = {(1, 1, 1): "a3", (1, 1, 2): ""}
+    train = split_pairs(align(main, target))["train"]
+    pairs = add_extra_sources(train, [other, third], target)
+    # Genesis only (Judges is test, Mark dev); "a" -> "A" once; third's empty verse dropped.
+    assert pairs == [((1, 1, 1), "a", "A"), ((1, 1, 2), "b2", "B"), ((1, 1, 1), "a3", "A")]
+    assert add_extra_sources(train, [], target) == train
+
+
+def test_parse_sources():
+    assert parse_sources("ylt") == ("ylt", [])
+    assert parse_sources("ylt+kjv+web") == ("ylt", ["kjv", "web"])
+    with pytest.raises(KeyError, match="--list"):
+        parse_sources("ylt+nope")
+    with pytest.raises(KeyError, match="twice"):
+        parse_sources("kjv+k")  # an alias and its code
 
 
 @pytest.mark.parametrize(
@@ -144,6 +168,23 @@ def test_real_ylt_bbe_split_sizes(english):
     assert 1_600 <= counts["dev"] <= 1_642
     assert 1_800 <= counts["test"] <= 1_835
     assert all(text and "\n" not in text for _, *texts in pairs for text in texts)
+
+
+@needs_bibles
+def test_real_prepare_with_an_extra_source_keeps_dev_and_test(tmp_path: Path):
+    single = prepare("ylt", "bbe", tmp_path / "single")
+    multi = prepare("ylt+kjv", "bbe", tmp_path / "multi")
+    assert multi["dev"] == single["dev"] and multi["test"] == single["test"]
+    assert single["train"] * 1.9 < multi["train"] <= single["train"] * 2
+    for split in ("dev", "test"):
+        for side in ("src", "tgt"):
+            name = f"{split}.{side}"
+            assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+    train = (tmp_path / "multi" / "train.src").read_text(encoding="utf-8").splitlines()
+    assert train[: single["train"]] == (tmp_path / "single" / "train.src").read_text(encoding="utf-8").splitlines()
+    assert "In the beginning God created the heaven and the earth." in train  # KJV Genesis 1:1
+    with pytest.raises(KeyError, match="copying"):
+        prepare("ylt+bbe", "bbe", tmp_path / "bad")
 
 
 # -------------------------------------------------------------------- G2P ---

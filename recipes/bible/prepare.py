@@ -4,6 +4,7 @@ Usage::
 
     python recipes/bible/prepare.py --list
     python recipes/bible/prepare.py --src ylt --tgt bbe --out data/ylt-bbe
+    python recipes/bible/prepare.py --src ylt+kjv+asv+web --tgt bbe --out data/ylt+kjv+asv+web-bbe
 
 Sources (PyPI packages; nothing is downloaded at run time)
 -----------------------------------------------------------
@@ -21,6 +22,8 @@ numbered in the Protestant canon order, 1 = Genesis ... 66 = Revelation
 (:data:`BOOKS`). The split follows the paper: test = Judges, 1 Samuel,
 Philippians, Hebrews; dev = 1 Kings, Zephaniah, Mark, Colossians; train =
 every other book. Output: ``{train,dev,test}.{src,tgt}``, one verse per line.
+Editions after a ``+`` in ``--src`` add their training-book verses as further
+sources of the same targets (dev and test keep the first source only).
 """
 
 from __future__ import annotations
@@ -277,9 +280,46 @@ def split_pairs(pairs: Iterable[Pair]) -> dict[str, list[Pair]]:
     return splits
 
 
+def parse_sources(spec: str) -> tuple[str, list[str]]:
+    """``"ylt+kjv+web"`` -> ``("ylt", ["kjv", "web"])``: the source edition that dev and test
+    translate from, then editions whose training-book verses are extra training sources."""
+    source, *extra = [name.strip() for name in spec.split("+")]
+    names = [get_edition(name).name for name in (source, *extra)]  # KeyError for an unknown one
+    if len(set(names)) < len(names):
+        raise KeyError(f"source editions {spec!r} name one edition twice")
+    return source, extra
+
+
+def add_extra_sources(train: list[Pair], extra: Iterable[Mapping[VerseKey, str] | str],
+                      target: Mapping[VerseKey, str]) -> list[Pair]:
+    """``train`` plus, for each extra source edition, its training-book verses paired with the
+    same target verses (multi-source augmentation: several phrasings of each target).
+
+    Only training books are added, so dev and test stay the paper's single-source sets; a pair
+    whose source text some earlier edition already gave for that verse is not added twice.
+    """
+    pairs, seen = list(train), {(key, src) for key, src, _ in train}
+    for edition in extra:
+        for key, src, tgt in split_pairs(align(edition, target))["train"]:
+            if (key, src) not in seen:
+                seen.add((key, src))
+                pairs.append((key, src, tgt))
+    return pairs
+
+
 def prepare(source: str, target: str, out_dir: str | Path) -> dict[str, int]:
-    """Write ``{split}.src`` / ``{split}.tgt`` for an edition pair; return verses per split."""
-    splits = split_pairs(align(source, target))
+    """Write ``{split}.src`` / ``{split}.tgt`` for an edition pair; return verses per split.
+
+    ``source`` may name extra training sources after a ``+`` (:func:`parse_sources`):
+    ``prepare("ylt+kjv", "bbe", out)`` trains on YLT -> BBE and KJV -> BBE pairs of the
+    training books, and keeps YLT -> BBE for dev and test.
+    """
+    source, extra = parse_sources(source)
+    if get_edition(target).name in {get_edition(name).name for name in (source, *extra)}:
+        raise KeyError(f"the target edition {target!r} is also a source: that would teach copying")
+    target_verses = load_edition(target)
+    splits = split_pairs(align(source, target_verses))
+    splits["train"] = add_extra_sources(splits["train"], extra, target_verses)
     for split, pairs in splits.items():
         write_parallel(out_dir, split, [src for _, src, _ in pairs], [tgt for _, _, tgt in pairs])
     return {split: len(pairs) for split, pairs in splits.items()}
@@ -288,7 +328,7 @@ def prepare(source: str, target: str, out_dir: str | Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="list the available editions and exit")
-    parser.add_argument("--src", help="source edition (code or alias)")
+    parser.add_argument("--src", help="source edition (code or alias); extra training sources after +, e.g. ylt+kjv+web")
     parser.add_argument("--tgt", help="target edition (code or alias)")
     parser.add_argument("--out", help="output directory")
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
+from recipes.bible.prepare import parse_sources  # noqa: E402
 from recipes.reporting import (decoding_precisions, row_name, select_on_dev, training_summary,  # noqa: E402
                                translate)
 
@@ -27,7 +28,7 @@ PUBLISHED = {("ylt", "bbe"): (24.01, 24.94), ("bbe", "asv"): (31.28, 30.17), ("k
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True)
+    parser.add_argument("--src", required=True, help="as prepare.py's: the source, then any extra training sources after +")
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True)
@@ -51,7 +52,8 @@ def main() -> None:
         timings.append(f"{seconds:.0f} s in {precision}")
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
              for name, h in rows]
-    moses, seq2seq = PUBLISHED.get((args.src, args.tgt), (None, None))
+    source, extra_sources = parse_sources(args.src)
+    moses, seq2seq = PUBLISHED.get((source, args.tgt), (None, None))
     if moses is not None:
         table[:0] = [f"| Moses (Carlson et al. 2018) | {moses:.2f} | | |",
                      f"| Seq2Seq (Carlson et al. 2018) | {seq2seq:.2f} | | |"]
@@ -62,7 +64,8 @@ def main() -> None:
     weights = model_dir / "model.safetensors"
     extra = f" {args.extra}" if args.extra else ""
     curve = plot_training(args.run, out.with_name(f"bible-{args.src}-{args.tgt}-training.png"), metric="bleu")
-    text = f"""# Bible style transfer {args.src.upper()} -> {args.tgt.upper()} (test: Judges, 1 Samuel, Philippians, Hebrews; {len(refs)} verses)
+    also = f", training also on {', '.join(extra_sources).upper()} -> {args.tgt.upper()}" if extra_sources else ""
+    text = f"""# Bible style transfer {source.upper()} -> {args.tgt.upper()}{also} (test: Judges, 1 Samuel, Philippians, Hebrews; {len(refs)} verses)
 
 | system | BLEU (tokenize none, = multi-bleu.perl) | BLEU 13a | chrF |
 |---|---|---|---|

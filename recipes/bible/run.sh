@@ -2,6 +2,7 @@
 # Bible style transfer for one pair of editions: data, training (resumes if interrupted), report.
 #   bash recipes/bible/run.sh ylt bbe        (editions: python recipes/bible/prepare.py --list)
 #   bash recipes/bible/run.sh ylt bbe --set train.threads=1    (extra arguments go to `encdec train`)
+#   bash recipes/bible/run.sh ylt+kjv+asv+web bbe   (KJV, ASV, WEB verses as extra training sources of BBE)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=${1:?source edition, e.g. ylt}; tgt=${2:?target edition, e.g. bbe}
