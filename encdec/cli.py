@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_const", const="float16", dest="weights", help="same as --weights float16")
 
     p = sub.add_parser("g2p", help="English words -> ARPAbet phonemes with the shipped CMUdict model")
-    p.add_argument("words", nargs="*", help="words to pronounce (default: one per line from stdin)")
+    p.add_argument("words", nargs="*", help="words or phrases to pronounce (default: one per line from stdin); "
+                                            "numbers are read out, accents folded, hyphenated words split")
     p.add_argument("--model", type=Path, default=G2P_MODEL, help=f"model folder (default {G2P_MODEL})")
     p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
 
@@ -219,16 +220,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_g2p(args) -> None:
+    from .g2p import pronounce
     from .translator import load
 
     if not (args.model / "config.json").exists() and args.model == G2P_MODEL:
         raise FileNotFoundError(f"no G2P model at {G2P_MODEL}; train one with 'bash recipes/g2p/run.sh' "
                                 "and pass --model runs/g2p/best")
-    words = args.words or [line.strip() for line in sys.stdin if line.strip()]
-    # The model was trained on upper-case CMUdict spellings.
-    outputs = load(args.model).translate([w.upper() for w in words], beam=args.beam, alpha=0.0)
-    for word, phonemes in zip(words, outputs):
-        print(f"{word}\t{phonemes}")
+    texts = args.words or [line.strip() for line in sys.stdin if line.strip()]
+    outputs, skipped = pronounce(load(args.model), texts, beam=args.beam)
+    if skipped:
+        print(f"warning: skipped letters the model cannot read: {' '.join(sorted(skipped))}", file=sys.stderr)
+    for text, phonemes in zip(texts, outputs):
+        print(f"{text}\t{phonemes}")
 
 
 def cmd_plot(args) -> None:

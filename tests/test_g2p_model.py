@@ -33,6 +33,16 @@ def test_shipped_model_keeps_its_accuracy_on_the_test_split():
     assert wer <= 28.5 and per <= 6.8, f"WER {wer:.2f}, PER {per:.2f}"
 
 
+def test_g2p_verb_reads_phrases_numbers_and_hyphens_as_their_words():
+    parts = run_cli("g2p", "x", "ray", "forty", "two")
+    whole = run_cli("g2p", "X-ray", "42", "x ray")
+    assert parts.returncode == 0 and whole.returncode == 0, parts.stderr + whole.stderr
+    x, ray, forty, two = (line.split("\t")[1] for line in parts.stdout.splitlines())
+    assert whole.stdout.splitlines() == [f"X-ray\t{x} {ray}", f"42\t{forty} {two}", f"x ray\t{x} {ray}"]
+    skipped = run_cli("g2p", "Ωmega")
+    assert skipped.returncode == 0 and "skipped letters the model cannot read: Ω" in skipped.stderr
+
+
 def test_translate_takes_any_case_with_the_shipped_model():
     # the shipped source tokenizer folds case (`case: upper`): CMUdict spells words in capitals
     result = run_cli("translate", "--model", G2P_MODEL, stdin="hello\nHELLO\nHello\n")
