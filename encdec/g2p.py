@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from num2words import num2words
+
+if TYPE_CHECKING:
+    from .translator import Translator
 
 # Letters that Unicode decomposition does not reduce to A-Z.
 _LIGATURES = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
@@ -64,11 +67,7 @@ def spell(text: str) -> tuple[list[str], set[str]]:
     return _WORD.findall(text), skipped
 
 
-class _Translates(Protocol):
-    def translate(self, sentences: list[str], beam: int = ..., alpha: float = ...) -> list[str]: ...
-
-
-def pronounce(translator: _Translates, texts: list[str], beam: int = 5) -> tuple[list[str], set[str]]:
+def pronounce(translator: Translator, texts: list[str], beam: int = 5) -> tuple[list[str], set[str]]:
     """ARPAbet phonemes (space-separated) for each text, and the letters skipped in all of them.
 
     Every distinct word is decoded once, in one batch; a text without any word gives ``""``.
