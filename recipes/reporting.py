@@ -1,6 +1,7 @@
 """What the recipes' reports share: choosing the model to report on the dev set (the kept best or an
 average of the last checkpoints), timed decoding at each precision this CPU runs well, and the line
-that says how a model was trained (steps, minutes, threads, schedule, precision)."""
+that says how a model was trained (steps, minutes, threads, schedule, precision); the beam search's length
+penalty chosen on dev."""
 from __future__ import annotations
 
 import os
@@ -68,3 +69,15 @@ def select_on_dev(run: Path, dev_score: Callable[[Path], float], higher_is_bette
     chosen = (max if higher_is_better else min)(scores, key=scores.get)  # ties: the first, best/
     listed = "; ".join(f"{name} {score:.2f}" for name, score in scores.items())
     return candidates[chosen], f"- Model, chosen on dev (greedy): {listed}; reported: {chosen}."
+
+
+def select_alpha(dev_score: Callable[[float], float], alphas: tuple[float, ...] = (0.6, 1.0, 1.5, 2.0),
+                 higher_is_better: bool = True) -> tuple[float, str]:
+    """The GNMT length-penalty exponent to decode the test set with: the one of ``alphas`` whose beam
+    search ``dev_score(alpha)`` (a dev-set metric) ranks first, as GNMT tuned it (Wu et al. 2016); never
+    the test set. Returns it and a Markdown bullet with every candidate's score (ties: the first listed).
+    """
+    scores = {alpha: dev_score(alpha) for alpha in alphas}
+    chosen = (max if higher_is_better else min)(scores, key=scores.get)
+    listed = "; ".join(f"{alpha:g}: {score:.2f}" for alpha, score in scores.items())
+    return chosen, f"- Length penalty chosen on dev (beam search, alpha: dev score): {listed}; reported: alpha {chosen:g}."

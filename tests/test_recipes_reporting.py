@@ -58,3 +58,18 @@ def test_select_on_dev_compares_best_with_averages_of_the_last_checkpoints(tmp_p
                                                .state_dict().values())}
     for k, v in load_model_folder(run / "averaged-last-2")[0].state_dict().items():
         torch.testing.assert_close(v, mean[k])
+
+
+def test_select_alpha_takes_the_dev_best_and_lists_every_candidate():
+    from recipes.reporting import select_alpha
+
+    seen = []
+
+    def dev_bleu(alpha):  # a stand-in metric peaking at 1.5
+        seen.append(alpha)
+        return 30.0 - (alpha - 1.5) ** 2
+    alpha, line = select_alpha(dev_bleu)
+    assert seen == [0.6, 1.0, 1.5, 2.0] and alpha == 1.5
+    assert "0.6: 29.19" in line and "1.5: 30.00" in line and line.endswith("reported: alpha 1.5.")
+    assert select_alpha(dev_bleu, higher_is_better=False)[0] == 0.6  # an error rate: lowest wins
+    assert select_alpha(lambda a: 1.0, alphas=(1.0, 2.0))[0] == 1.0  # ties: the first listed

@@ -18,8 +18,8 @@ from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.bible.prepare import parse_sources  # noqa: E402
-from recipes.reporting import (decoding_precisions, row_name, select_on_dev, training_summary,  # noqa: E402
-                               translate)
+from recipes.reporting import (decoding_precisions, row_name, select_alpha, select_on_dev,  # noqa: E402
+                               training_summary, translate)
 
 
 # Carlson, Riddell & Rockmore (2018), test BLEU (multi-bleu.perl on untokenized text = sacreBLEU tokenize='none').
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--alpha", type=float, help="length penalty (default: the best on dev of 0.6, 1, 1.5, 2)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--wall-seconds", type=float, help="wall time of preparation + training, from run.sh")
     parser.add_argument("--extra", default="", help="the arguments run.sh passed on to encdec train")
@@ -45,9 +46,14 @@ def main() -> None:
     dev_refs = (args.data / "dev.tgt").read_text(encoding="utf-8").splitlines()
     model_dir, selection = select_on_dev(
         args.run, lambda folder: bleu(translate(folder, dev_sources, beam=1)[0], dev_refs), higher_is_better=True)
+    if args.alpha is None:  # dev BLEU as the table reports it (tokenize none)
+        alpha, alpha_line = select_alpha(lambda a: bleu(translate(model_dir, dev_sources, beam=args.beam, alpha=a)[0],
+                                                        dev_refs, tokenize="none"))
+    else:
+        alpha, alpha_line = args.alpha, f"- Length penalty: alpha {args.alpha:g} (`--alpha`)."
     rows, timings = [("copy the source", sources)], []
     for precision in decoding_precisions():
-        outputs, seconds = translate(model_dir, sources, precision, beam=args.beam)
+        outputs, seconds = translate(model_dir, sources, precision, beam=args.beam, alpha=alpha)
         rows.append((row_name(precision, f"**encdec Transformer, beam {args.beam}**"), outputs))
         timings.append(f"{seconds:.0f} s in {precision}")
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
@@ -73,6 +79,7 @@ def main() -> None:
 
 - Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]} in training, the model kept as `best/`.
 {selection}
+{alpha_line}
 {training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 - Decoding the test set: {', '.join(timings)} (beam {args.beam}, {torch.get_num_threads()} thread(s)).
