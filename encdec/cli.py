@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "numbers are read out, accents folded, hyphenated words split")
     p.add_argument("--model", type=Path, default=G2P_MODEL, help=f"model folder (default {G2P_MODEL})")
     p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    p.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty exponent (default 0 = off)")
 
     p = sub.add_parser("plot", help="draw a run's training curve (--run) or one sentence's attention (--model --text)")
     p.add_argument("--run", type=Path, help="run folder: plot loss and the dev metric from its log.jsonl")
@@ -227,7 +228,7 @@ def cmd_g2p(args) -> None:
         raise FileNotFoundError(f"no G2P model at {G2P_MODEL}; train one with 'bash recipes/g2p/run.sh' "
                                 "and pass --model runs/g2p/best")
     texts = args.words or [line.strip() for line in sys.stdin if line.strip()]
-    outputs, skipped = pronounce(load(args.model), texts, beam=args.beam)
+    outputs, skipped = pronounce(load(args.model), texts, beam=args.beam, alpha=args.alpha)
     if skipped:
         print(f"warning: skipped letters the model cannot read: {' '.join(sorted(skipped))}", file=sys.stderr)
     for text, phonemes in zip(texts, outputs):

@@ -17,18 +17,19 @@ from encdec.checkpoint import load_model_folder, stored_weights  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
 from recipes.g2p.prepare import load_references  # noqa: E402
-from recipes.reporting import (decoding_precisions, row_name, select_on_dev, training_summary,  # noqa: E402
-                               translate)
+from recipes.reporting import (decoding_precisions, row_name, select_alpha, select_on_dev,  # noqa: E402
+                               training_summary, translate)
 
 PUBLISHED = [("Bidirectional LSTM (Yao & Zweig 2015)", 23.55, 5.45),
              ("Attention encoder-decoder ensemble (Toshniwal & Livescu 2016)", 20.24, 4.69)]
 
 
-def score(model_dir: Path, refs_path: Path, beam: int, precision: str = "fp32") -> tuple[float, float, float, int]:
+def score(model_dir: Path, refs_path: Path, beam: int, precision: str = "fp32",
+          alpha: float = 0.0) -> tuple[float, float, float, int]:
     """WER %, PER %, decoding seconds and the number of words, for the words in ``refs_path``."""
     references = load_references(refs_path)
     words = list(references)
-    outputs, seconds = translate(model_dir, words, precision, beam=beam, alpha=0.0)
+    outputs, seconds = translate(model_dir, words, precision, beam=beam, alpha=alpha)
     refs = [references[w] for w in words]
     return word_error_rate(outputs, refs), symbol_error_rate(outputs, refs), seconds, len(words)
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/g2p"))
     parser.add_argument("--data", type=Path, default=Path("data/g2p"))
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--alpha", type=float, help="length penalty (default: the best on dev of 0, 0.6, 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/g2p.md"))
     parser.add_argument("--wall-seconds", type=float, help="wall time of preparation + training, from run.sh")
     parser.add_argument("--extra", default="", help="the arguments run.sh passed on to encdec train")
@@ -51,17 +53,22 @@ def main() -> None:
         args.model, selection = select_on_dev(args.run, lambda folder: score(folder, dev, beam=1)[0],
                                               higher_is_better=False)
         selection = selection.replace("(greedy)", "(greedy WER)") + "\n"
-    dev_wer, dev_per, _, _ = score(args.model, dev, args.beam)
+    if args.alpha is None:  # dev WER of the beam search; pronunciations are short, so 0 (none) is a candidate
+        alpha, alpha_line = select_alpha(lambda a: score(args.model, dev, args.beam, alpha=a)[0],
+                                         alphas=(0.0, 0.6, 1.0), higher_is_better=False)
+    else:
+        alpha, alpha_line = args.alpha, f"- Length penalty: alpha {args.alpha:g} (`--alpha`)."
+    dev_wer, dev_per, _, _ = score(args.model, dev, args.beam, alpha=alpha)
     rows, timings = [f"| {name} | {w:.2f} | {p:.2f} |" for name, w, p in PUBLISHED], []
     for precision in decoding_precisions():
-        wer, per, seconds, n = score(args.model, args.data / "test.refs.tsv", args.beam, precision)
+        wer, per, seconds, n = score(args.model, args.data / "test.refs.tsv", args.beam, precision, alpha)
         cells = f"**{wer:.2f}** | **{per:.2f}**" if precision == "fp32" else f"{wer:.2f} | {per:.2f}"
         name = row_name(precision, f"**encdec Transformer, one model, beam {args.beam}**")
         rows.append(f"| {name} | {cells} |")
         timings.append(f"{seconds:.1f} s in {precision} ({n / seconds:.0f} words/s)")
     shipped = ""
     if args.shipped is not None:
-        wer, per, _, _ = score(args.shipped, args.data / "test.refs.tsv", args.beam)
+        wer, per, _, _ = score(args.shipped, args.data / "test.refs.tsv", args.beam, alpha=alpha)
         stored = stored_weights(args.shipped)
         rows.append(f"| the shipped copy `{args.shipped}` ({stored} weights, float32 decoding) | {wer:.2f} | {per:.2f} |")
         size = (args.shipped / "model.safetensors").stat().st_size / 2**20
@@ -83,7 +90,8 @@ phoneme error rate (edit distance to the closest reference / its length), in per
 
 - Dev (every 20th package word, never the test set): WER {dev_wer:.2f}, PER {dev_per:.2f} (beam {args.beam});
   in training, the best greedy dev WER was at step {min(log, key=lambda r: r['wer'])['step']} (`best/`).
-{selection}{training_summary(args.run, args.wall_seconds)}
+{selection}{alpha_line}
+{training_summary(args.run, args.wall_seconds)}
 - Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 {shipped}- Decoding the test set (beam {args.beam}, {torch.get_num_threads()} thread(s)): {', '.join(timings)}.
 - Training curve: `{curve.name}`.
