@@ -50,7 +50,7 @@ def test_packed_linear_equals_linear_for_few_and_many_rows(shape):
 
 
 INT8_KINDS = ["fbgemm", pytest.param("onednn", marks=pytest.mark.skipif(
-    not int8_onednn_available(), reason="no oneDNN int8 matmul or no VNNI on this CPU"))]
+    not int8_onednn_available(), reason="no oneDNN int8 matmul or no AMX on this CPU"))]
 
 
 @pytest.fixture(params=INT8_KINDS)
@@ -89,7 +89,7 @@ def test_quantized_activations_round_trip_within_half_a_step(shift):
     assert torch.equal(q.float() * scale, torch.zeros(3, 4))
 
 
-@pytest.mark.skipif(not int8_onednn_available(), reason="no oneDNN int8 matmul or no VNNI on this CPU")
+@pytest.mark.skipif(not int8_onednn_available(), reason="no oneDNN int8 matmul or no AMX on this CPU")
 @pytest.mark.parametrize("shape", [(1,), (5,), (3, 11), (2, 40), (160,)])  # below and above ONEDNN_ROWS
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_is_close_to_linear(shape, bias):
