@@ -24,8 +24,10 @@ from recipes.bible.prepare import (
     load_edition,
     parse_sources,
     prepare,
+    source_tag,
     split_of,
     split_pairs,
+    untag,
 )
 from recipes.g2p import prepare as g2p
 
@@ -185,6 +187,27 @@ def test_real_prepare_with_an_extra_source_keeps_dev_and_test(tmp_path: Path):
     assert "In the beginning God created the heaven and the earth." in train  # KJV Genesis 1:1
     with pytest.raises(KeyError, match="copying"):
         prepare("ylt+bbe", "bbe", tmp_path / "bad")
+
+
+def test_source_tags_name_the_edition_and_come_off_again():
+    assert source_tag("3") == source_tag("BBE") == "<bbe>" and source_tag("asv") == "<asv>"
+    assert untag("<bbe> And God said, Let there be light") == "And God said, Let there be light"
+    assert untag("<darby-fr> Au commencement") == "Au commencement"
+    assert untag("a <b> c") == "a <b> c" and untag("<bbe>x") == "<bbe>x"  # only a leading tag and its space
+
+
+@needs_bibles
+def test_real_tagged_prepare_tags_every_source_and_nothing_else(tmp_path: Path):
+    plain = prepare("bbe+kjv", "asv", tmp_path / "plain")
+    tagged = prepare("bbe+kjv", "asv", tmp_path / "tagged", tag_sources=True)
+    assert tagged == plain
+    for split in ("train", "dev", "test"):
+        read = lambda folder, side: (tmp_path / folder / f"{split}.{side}").read_text(encoding="utf-8").splitlines()
+        assert read("tagged", "tgt") == read("plain", "tgt")
+        tagged_src, plain_src = read("tagged", "src"), read("plain", "src")
+        assert [untag(line) for line in tagged_src] == plain_src
+        tags = {line.split(" ", 1)[0] for line in tagged_src}
+        assert tags == ({"<bbe>", "<kjv>"} if split == "train" else {"<bbe>"})
 
 
 # -------------------------------------------------------------------- G2P ---

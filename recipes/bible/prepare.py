@@ -23,7 +23,10 @@ numbered in the Protestant canon order, 1 = Genesis ... 66 = Revelation
 Philippians, Hebrews; dev = 1 Kings, Zephaniah, Mark, Colossians; train =
 every other book. Output: ``{train,dev,test}.{src,tgt}``, one verse per line.
 Editions after a ``+`` in ``--src`` add their training-book verses as further
-sources of the same targets (dev and test keep the first source only).
+sources of the same targets (dev and test keep the first source only). With
+``--tag-sources`` every source line starts with its edition's tag (``<bbe> ...``),
+so a model trained on several sources knows which one it is reading (tagged
+training data, as in Caswell et al. 2019); dev and test carry the first source's tag.
 """
 
 from __future__ import annotations
@@ -296,33 +299,56 @@ def add_extra_sources(train: list[Pair], extra: Iterable[Mapping[VerseKey, str] 
     same target verses (multi-source augmentation: several phrasings of each target).
 
     Only training books are added, so dev and test stay the paper's single-source sets; a pair
-    whose source text some earlier edition already gave for that verse is not added twice.
+    whose source text (tag aside) some earlier edition already gave for that verse is not added twice.
     """
-    pairs, seen = list(train), {(key, src) for key, src, _ in train}
+    pairs, seen = list(train), {(key, untag(src)) for key, src, _ in train}
     for edition in extra:
         for key, src, tgt in split_pairs(align(edition, target))["train"]:
-            if (key, src) not in seen:
-                seen.add((key, src))
+            if (key, untag(src)) not in seen:  # the same words under another edition's tag too
+                seen.add((key, untag(src)))
                 pairs.append((key, src, tgt))
     return pairs
 
 
-def prepare(source: str, target: str, out_dir: str | Path) -> dict[str, int]:
+def source_tag(edition: str) -> str:
+    """The tag a tagged source line starts with: ``source_tag("3") == source_tag("bbe") == "<bbe>"``."""
+    found = get_edition(edition)
+    return f"<{(found.aliases or (found.name,))[0]}>"
+
+
+def untag(line: str) -> str:
+    """``line`` without a leading edition tag: ``untag("<bbe> And God said") == "And God said"``."""
+    return re.sub(r"^<[\w-]+> ", "", line)
+
+
+def prepare(source: str, target: str, out_dir: str | Path, tag_sources: bool = False) -> dict[str, int]:
     """Write ``{split}.src`` / ``{split}.tgt`` for an edition pair; return verses per split.
 
     ``source`` may name extra training sources after a ``+`` (:func:`parse_sources`):
     ``prepare("ylt+kjv", "bbe", out)`` trains on YLT -> BBE and KJV -> BBE pairs of the
-    training books, and keeps YLT -> BBE for dev and test.
+    training books, and keeps YLT -> BBE for dev and test. ``tag_sources`` starts every
+    source line with its edition's :func:`source_tag`.
     """
     source, extra = parse_sources(source)
     if get_edition(target).name in {get_edition(name).name for name in (source, *extra)}:
         raise KeyError(f"the target edition {target!r} is also a source: that would teach copying")
     target_verses = load_edition(target)
-    splits = split_pairs(align(source, target_verses))
-    splits["train"] = add_extra_sources(splits["train"], extra, target_verses)
+    source_verses = load_edition(source)
+    if tag_sources:
+        source_verses = _tagged(source_verses, source)
+    splits = split_pairs(align(source_verses, target_verses))
+    extra_verses = (load_edition(name) for name in extra)
+    if tag_sources:
+        extra_verses = (_tagged(verses, name) for verses, name in zip(extra_verses, extra))
+    splits["train"] = add_extra_sources(splits["train"], extra_verses, target_verses)
     for split, pairs in splits.items():
         write_parallel(out_dir, split, [src for _, src, _ in pairs], [tgt for _, _, tgt in pairs])
     return {split: len(pairs) for split, pairs in splits.items()}
+
+
+def _tagged(verses: Mapping[VerseKey, str], edition: str) -> dict[VerseKey, str]:
+    tag = source_tag(edition)  # blank verses stay blank, so align() still drops them
+    return {key: f"{tag} {text}" if text.strip() else text for key, text in verses.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", help="source edition (code or alias); extra training sources after +, e.g. ylt+kjv+web")
     parser.add_argument("--tgt", help="target edition (code or alias)")
     parser.add_argument("--out", help="output directory")
+    parser.add_argument("--tag-sources", action="store_true", help="start each source line with its edition's tag, e.g. <bbe>")
     args = parser.parse_args(argv)
     if args.list:
         for e in EDITIONS:
@@ -341,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.src and args.tgt and args.out):
         parser.error("--src, --tgt and --out are required (or use --list)")
     try:
-        counts = prepare(args.src, args.tgt, args.out)
+        counts = prepare(args.src, args.tgt, args.out, args.tag_sources)
     except (KeyError, ModuleNotFoundError) as error:  # unknown edition, or its package missing
         parser.error(str(error.args[0]))
     summary = " ".join(f"{split}={count:,}" for split, count in counts.items())
