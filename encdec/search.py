@@ -51,6 +51,8 @@ class _Step:
         self.model = model
         self.src_mask = padding_mask(src, model.cfg.pad_id)
         self.memory = model.encode(src, self.src_mask)
+        if bool(self.src_mask.all()):  # no padding (always at batch 1): attention needs no mask,
+            self.src_mask = None  # and without one it does less each step
         self.cache: DecoderCache = model.new_cache(capacity=steps)
         self.cache.fill_cross_attention(model.decoder, self.memory)
 
@@ -64,7 +66,8 @@ class _Step:
         stay, where some have finished (``None``: all stay, rows only move among their beams)."""
         self.cache.reorder_self_attention(rows)
         if sentences is not None:
-            self.src_mask = self.src_mask.index_select(0, sentences)
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask.index_select(0, sentences)
             self.cache.reorder_cross_attention(sentences)
 
 
