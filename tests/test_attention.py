@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from encdec import attention
 from encdec.attention import KVCache, MultiHeadAttention, padding_mask, subsequent_mask
 
 
@@ -60,6 +61,33 @@ def test_equals_torch_multihead_attention_with_padding_and_causal_masks():
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     expected, _ = theirs(x, x, x, attn_mask=causal, need_weights=False)
     torch.testing.assert_close(ours(x, mask=subsequent_mask(5)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [2, 16])  # 2 x 4 heads: the fused kernel; 16 x 4: written out (inference)
+def test_inference_equals_torch_multihead_attention_on_both_paths(batch, monkeypatch):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    ours = MultiHeadAttention(16, 4).eval()
+    _copy_from_torch(ours, theirs)
+    x, memory = torch.randn(batch, 5, 16), torch.randn(batch, 7, 16)
+    keep = torch.ones(batch, 7, dtype=torch.bool)
+    keep[1:, 4:] = False
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        cross, _ = theirs(x, memory, memory, key_padding_mask=~keep, need_weights=False)
+        self_attn, _ = theirs(x, x, x, attn_mask=causal, need_weights=False)
+    fused_calls = []  # ours only: torch's MultiheadAttention calls the fused kernel too
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, memory, keep[:, None, None, :]), cross, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x, mask=subsequent_mask(5)), self_attn, atol=1e-5, rtol=1e-5)
+        # one decoding step: a single query row per sentence against the cached keys
+        cache = KVCache()
+        ours(x[:, :4], mask=subsequent_mask(4), cache=cache)
+        torch.testing.assert_close(ours(x[:, 4:], cache=cache), self_attn[:, 4:], atol=1e-5, rtol=1e-5)
+    assert bool(fused_calls) == (batch * 4 < attention.WRITTEN_OUT_FROM)
 
 
 def test_cross_attention_cache_computes_keys_once_and_self_cache_grows():
