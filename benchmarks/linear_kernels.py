@@ -15,6 +15,11 @@ median milliseconds per call of
   from `Int8Linear.ONEDNN_ROWS` rows up, fbgemm below),
 
 and writes the table to `results/linear-kernels.md`. Measure on an idle machine.
+
+Those timings call one layer again and again, so from 1 to 32 rows its weights come from the cache.
+A decoding step reads each matrix once, in turn, and the small model's 20 MB or the base model's
+154 MB of them mostly come from memory (or a last-level cache they share). The second table times
+that: one whole decoder step's matrices (6 per layer and the output layer) per kernel, in order.
 """
 from __future__ import annotations
 
@@ -34,6 +39,25 @@ from encdec.train import bf16_is_native
 
 SHAPES = [(512, 512), (512, 1024), (512, 2048), (2048, 512), (512, 32000)]  # (in, out) of the base model
 ROWS = [1, 5, 32, 160]
+MODELS = {"small": (256, 1024, 3, 8000), "base": (512, 2048, 6, 32000)}  # d_model, ff, decoder layers, vocabulary
+
+
+def step_shapes(d: int, ff: int, layers: int, vocab: int) -> list[tuple[int, int]]:
+    """(in, out) of the matrices one decoding step multiplies, in order: per layer the self-attention's
+    Q/K/V and output, the encoder-decoder attention's query and output, the feed-forward's two; then
+    the output layer (the encoder-decoder keys and values are computed once per sentence, not here)."""
+    return [(d, 3 * d), (d, d), (d, d), (d, d), (d, ff), (ff, d)] * layers + [(d, vocab)]
+
+
+def step_ms(fns: list, xs: list, repeats: int = 7) -> float:
+    """Median milliseconds of calling ``fns[i](xs[i])`` for every i in turn."""
+    times = []
+    for _ in range(repeats + 1):  # the first round warms up (allocations, thread pool)
+        start = time.perf_counter()
+        for fn, x in zip(fns, xs):
+            fn(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
 
 
 def median_ms(fn, x: torch.Tensor, seconds: float = 0.25) -> float:
@@ -89,15 +113,30 @@ def main() -> None:
                 ms = [median_ms(k, x) for k in ks.values()]
                 rows_out.append(f"| {rows} | {n_in} x {n_out} | " + " | ".join(f"{m:.3f}" for m in ms) + " |")
                 print(rows_out[-1], flush=True)
+    step_rows, step_names = [], None
+    with torch.inference_mode():
+        for model, dims in MODELS.items():
+            linears = [nn.Linear(n_in, n_out).eval() for n_in, n_out in step_shapes(*dims)]
+            per_layer = [kernels(linear) for linear in linears]
+            step_names = [name for name in per_layer[0] if name != "quantize only"]
+            for rows in ROWS:
+                xs = [torch.randn(rows, linear.in_features) for linear in linears]
+                ms = [step_ms([k[name] for k in per_layer], xs) for name in step_names]
+                step_rows.append(f"| {model} | {rows} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+                print(step_rows[-1], flush=True)
+            del per_layer
     header = ["| rows | in x out | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    step_header = ["| model | rows | " + " | ".join(step_names) + " |", "|---|---|" + "---|" * len(step_names)]
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "?")
     text = "\n".join([f"# One Linear layer per kernel: median ms per call ({args.threads} threads)", "",
                       f"{cpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. "
                       f"Command: `python benchmarks/linear_kernels.py --threads {args.threads}`.", "",
-                      *header, *rows_out, ""])
+                      *header, *rows_out, "",
+                      "## One decoder step: every matrix once, in turn (median ms per step)", "",
+                      *step_header, *step_rows, ""])
     args.out.write_text(text)
-    print("\n".join(header + rows_out))
+    print("\n".join(header + rows_out + [""] + step_header + step_rows))
 
 
 if __name__ == "__main__":

@@ -78,11 +78,12 @@ def test_n_best_larger_than_beam_is_rejected(model):
 @pytest.mark.parametrize("m", [2, 6, 40])
 def test_best_continuations_equal_ranking_every_log_probability(m):
     """Ranking each beam's best m logits finds a sentence's best m of all beams x vocab continuations,
-    with -inf (unused) beams and beams forced to end at the length limit. (21 rows: more than the
+    with -inf (unused) beams, -inf logits and beams forced to end at the length limit. (21 rows: more than the
     16 whose log-normaliser is taken at a time.)"""
     g = torch.Generator().manual_seed(0)
     sentences, beams, vocab, eos = 7, 3, 11, 2
     logits = torch.randn(sentences * beams, vocab, generator=g) * 3
+    logits[7:12, :2] = float("-inf")  # tokens a model rules out (the normaliser must stay finite)
     scores = -torch.rand(sentences, beams, generator=g) * 5
     scores[0, 1:] = float("-inf")
     at_limit = torch.zeros(sentences * beams, dtype=torch.bool)
