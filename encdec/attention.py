@@ -31,42 +31,49 @@ class KVCache:
     """Keys and values of one attention sub-layer, kept between decoding steps.
 
     Self-attention grows by one step at a time (:meth:`append`); encoder-decoder
-    attention fills it once per source sentence and then only reads it. Tensors
-    are ``(batch, heads, len, head_dim)``. With a ``capacity`` the buffers are
+    attention fills it once per source sentence and then only reads it. :attr:`k` and
+    :attr:`v` are ``(batch, heads, len, head_dim)``. With a ``capacity`` the buffers are
     allocated once and written in place, so a step costs no copy of the past.
+
+    The buffers are position-major, ``(capacity, batch, heads, head_dim)``, so the filled
+    positions are one contiguous block and :attr:`k` is a permuted view of it. A decoding
+    step reads every layer's cache from memory (a beam-5 batch outgrows the caches), and
+    batched matrix products read one block ~2x faster than ``(batch, heads, capacity,
+    head_dim)`` buffers, whose filled parts have gaps: 2 threads, 160 rows x 4 heads x 25 of 50
+    positions, from memory, ``Q K^T`` 302 against 490 us and ``weights V`` 202 against 425.
     """
 
     def __init__(self, capacity: int = 0) -> None:
         self.capacity = capacity
         self.length = 0
-        self._k: Tensor | None = None
+        self._k: Tensor | None = None  # (buffer positions, batch, heads, head_dim)
         self._v: Tensor | None = None
-        self._spare: tuple[Tensor, Tensor] | None = None  # reorder()'s second buffer
+        self._spare: tuple[Tensor, Tensor] | None = None  # reorder()'s second buffers, flat
 
     def __len__(self) -> int:
         return self.length
 
     @property
     def k(self) -> Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.length]
+        return None if self._k is None else self._k[: self.length].permute(1, 2, 0, 3)
 
     @property
     def v(self) -> Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.length]
+        return None if self._v is None else self._v[: self.length].permute(1, 2, 0, 3)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(batch, heads, new, head_dim)`` keys and values; returns all of them so far."""
         end = self.length + k.size(2)
-        if self._k is None or end > self._k.size(2):
+        if self._k is None or end > self._k.size(0):
             size = max(end, self.capacity, 2 * self.length)
-            grown_k = k.new_empty(k.size(0), k.size(1), size, k.size(3))
+            grown_k = k.new_empty(size, k.size(0), k.size(1), k.size(3))
             grown_v = v.new_empty(grown_k.shape)
             if self.length:
-                grown_k[:, :, : self.length] = self.k
-                grown_v[:, :, : self.length] = self.v
+                grown_k[: self.length] = self._k[: self.length]
+                grown_v[: self.length] = self._v[: self.length]
             self._k, self._v = grown_k, grown_v
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
+        self._k[self.length : end] = k.permute(2, 0, 1, 3)
+        self._v[self.length : end] = v.permute(2, 0, 1, 3)
         self.length = end
         return self.k, self.v
 
@@ -75,10 +82,10 @@ class KVCache:
         if self._k is None:
             return
         if not self.capacity or self._k.requires_grad:  # (out= copies cannot be differentiated)
-            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            self._k, self._v = self._k.index_select(1, index), self._v.index_select(1, index)
             return
-        rows = index.numel()
-        if rows == self._k.size(0):
+        rows, filled_k, filled_v = index.numel(), self._k[: self.length], self._v[: self.length]
+        if rows == self._k.size(1):
             # The same rows, reordered (beams moving among their sentence's slots): where most rows
             # stay put (beam search keeps a beam's continuation in its slot where it can), copying
             # only the rows that move reads and writes less than a full gather.
@@ -86,17 +93,20 @@ class KVCache:
             if 2 * moved.numel() <= rows:
                 if moved.numel():
                     source = index[moved]
-                    self._k[:, :, : self.length].index_copy_(0, moved, self.k.index_select(0, source))
-                    self._v[:, :, : self.length].index_copy_(0, moved, self.v.index_select(0, source))
+                    filled_k.index_copy_(1, moved, filled_k.index_select(1, source))
+                    filled_v.index_copy_(1, moved, filled_v.index_select(1, source))
                 return
-        # Preallocated: copy only the filled positions, into a second buffer that then swaps
-        # with the first, so beam search's per-step reordering allocates nothing.
-        if self._spare is None or self._spare[0].size(0) < rows or self._spare[0].size(2) < self.length:
-            self._spare = (self._k.new_empty(rows, *self._k.shape[1:]), self._v.new_empty(rows, *self._v.shape[1:]))
-        new_k, new_v = self._spare[0][:rows], self._spare[1][:rows]
-        torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])
-        torch.index_select(self.v, 0, index, out=new_v[:, :, : self.length])
-        self._spare = (self._k, self._v)
+        # Preallocated: copy only the filled positions, into a second buffer that then swaps with
+        # the first, so beam search's per-step reordering allocates nothing. The buffers are kept
+        # flat and viewed at the current row count, so the filled block stays contiguous.
+        shape = (self._k.size(0), rows, *self._k.shape[2:])
+        needed = math.prod(shape)
+        if self._spare is None or self._spare[0].numel() < needed:
+            self._spare = (self._k.new_empty(needed), self._v.new_empty(needed))
+        new_k, new_v = (flat[:needed].view(shape) for flat in self._spare)
+        torch.index_select(filled_k, 1, index, out=new_k[: self.length])
+        torch.index_select(filled_v, 1, index, out=new_v[: self.length])
+        self._spare = (self._k.view(-1), self._v.view(-1))
         self._k, self._v = new_k, new_v
 
 

@@ -133,6 +133,23 @@ def stay_in_place(parent: Tensor) -> Tensor:
     return slot.argsort(1)
 
 
+def settled(finished: list[Hypothesis], n_best: int, best_live: float, t: int, limit: int, alpha: float) -> bool:
+    """Whether a sentence's ``n_best`` finished hypotheses are final after step ``t``: no live beam
+    (the best of them has log-probability ``best_live``) can end with a better score.
+
+    A hypothesis' log-probability only falls as it grows, and it ends at a length from ``t + 1``
+    to ``limit``; the length penalty is monotonic in the length for any ``alpha``, so the best
+    score it can reach is ``best_live`` divided by the penalty at one of those two ends. This is
+    an exact test, not a heuristic: stopping here returns what running to ``beam_size`` finished
+    hypotheses returns (for ``alpha=0``, usually as soon as the best beam has ended).
+    """
+    if len(finished) < n_best:
+        return False
+    nth = sorted((h.score for h in finished), reverse=True)[n_best - 1]
+    bound = max(best_live / length_penalty(t + 1, alpha), best_live / length_penalty(max(limit, t + 1), alpha))
+    return nth >= bound
+
+
 @torch.inference_mode()
 def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
                   max_len_extra: int = 10) -> list[list[int]]:
@@ -169,7 +186,8 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
     best ``2 * beam_size``: those ending in the end token among the top ``beam_size``
     are finished (score divided by :func:`length_penalty`), the best ``beam_size``
     others go on. A sentence is done once it has ``beam_size`` finished hypotheses,
-    or at its length limit, where every live beam is ended.
+    or at its length limit, where every live beam is ended, or as soon as no live beam can
+    still reach its ``n_best`` (:func:`settled`: the same results, fewer steps).
 
     Returns, per sentence, the ``n_best`` hypotheses, best first.
     """
@@ -202,7 +220,9 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         go_scores, go_rank = go_scores.gather(1, order), go_rank.gather(1, order)
         rows = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, go_rank)
         next_token = top_token.gather(1, go_rank)
-        done = torch.tensor([len(finished[s]) >= k for s in alive.tolist()], device=device) | (limit[alive] <= t)
+        best_live = go_scores.max(1).values.tolist()
+        done = torch.tensor([len(finished[s]) >= k or settled(finished[s], n_best, best_live[i], t, int(limit[s]), alpha)
+                             for i, s in enumerate(alive.tolist())], device=device) | (limit[alive] <= t)
         if done.all():
             break
         keep = (~done).nonzero().squeeze(1)

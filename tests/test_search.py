@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import encdec.search as search
 from encdec.search import beam_search, best_continuations, greedy_search, length_penalty, stay_in_place
 
 from conftest import tiny_model
@@ -68,6 +69,23 @@ def test_length_limit_is_respected(model):
     assert all(len(o) <= 3 for o in out)
     for hyps in beam_search(model, src, beam_size=3, max_len_ratio=0.0, max_len_extra=4):
         assert len(hyps[0].tokens) <= 3
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+@pytest.mark.parametrize("n_best", [1, 3])
+def test_early_stop_returns_what_running_to_beam_size_finished_returns(model, monkeypatch, alpha, n_best):
+    src = _sources(model.cfg, batch=24, seed=1)
+    steps = []
+    logits = search._Step.logits
+    monkeypatch.setattr(search._Step, "logits", lambda self, *a: steps.append(1) or logits(self, *a))
+    early = beam_search(model, src, beam_size=4, alpha=alpha, n_best=n_best)
+    early_steps, steps[:] = len(steps), []
+    monkeypatch.setattr(search, "settled", lambda *a: False)
+    full = beam_search(model, src, beam_size=4, alpha=alpha, n_best=n_best)
+    assert [[h.tokens for h in hyps] for hyps in early] == [[h.tokens for h in hyps] for hyps in full]
+    assert [h.score for hyps in early for h in hyps] == pytest.approx([h.score for hyps in full for h in hyps])
+    if alpha == 0.0:
+        assert early_steps < len(steps), "with no length penalty the best finished hypothesis settles early"
 
 
 def test_n_best_larger_than_beam_is_rejected(model):
