@@ -12,8 +12,10 @@ layers (attention projections, feed-forward, output layer) are replaced by
 - with ``precision="bf16"``, the same packed layers holding bfloat16 weights: each
   product rounds its input to bf16 and returns float32. On CPUs with AMX or
   AVX512-BF16 (see :func:`encdec.train.bf16_is_native`) that multiplies several
-  times faster than float32; elsewhere it is emulated and slow. Outputs may differ
-  slightly from float32 ones (bf16 keeps 8 bits of mantissa).
+  times faster than float32; elsewhere it is emulated and slow, and where oneDNN cannot
+  pack bf16 at all (CPUs without AVX512 or AVX-NE-CONVERT) the bf16 weights stay plain
+  and ``F.linear`` multiplies them. Outputs may differ slightly from float32 ones (bf16
+  keeps 8 bits of mantissa).
 - with ``precision="int8"``, int8 dynamic quantization: int8 weights with one scale per
   output row, activations quantized per call from their observed range (so
   results depend slightly on what else is in the batch). On CPUs with int8 dot
@@ -28,6 +30,7 @@ Embeddings, layer norm and softmax stay float32.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -38,6 +41,18 @@ from .model import Transformer
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of ``dtype`` on this CPU (bf16 needs AVX512 or AVX-NE-CONVERT)."""
+    if not onednn_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -65,23 +80,31 @@ class PackedLinear(nn.Module):
     matrices in turn (20 MB, so each is read from memory, as in decoding) took 2.9 ms
     with ``F.linear`` against 1.3 ms packed, and batch-1 greedy decoding of the base model
     ran 52 tokens/s against 82. One layout everywhere also keeps one copy of the weights.
+
+    Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), the weights are kept
+    plain in ``dtype`` and ``F.linear`` multiplies them: the same results, more slowly.
     """
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 32, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
         weight = linear.weight.detach().to(dtype)
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+        self.packed = onednn_packs(dtype)
+        # (out_features, in_features) in oneDNN's blocked layout where packed, else as it was.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed_weight, self.bias, "none", [], "")
+        if self.packed:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        else:
+            y = nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}")
+                f"dtype={self.dtype}, packed={self.packed}")
 
 
 def int8_onednn_available() -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from encdec import inference
-from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available,
+from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available, onednn_packs,
                               prepare_for_cpu, quantize_activations)
 from encdec.search import beam_search, greedy_search
 
@@ -104,12 +104,15 @@ def test_int8_linear_is_close_to_linear(shape, bias):
     assert 0 < error < 0.02 * reference.abs().max()
 
 
-@pytest.mark.parametrize("precision", ["int8", "int8-fbgemm", pytest.param("bf16", marks=pytest.mark.skipif(
-    not onednn_available(), reason="this PyTorch build has no oneDNN"))])
+@pytest.mark.parametrize("precision", ["int8", "int8-fbgemm", "bf16-plain", pytest.param("bf16", marks=pytest.mark.skipif(
+    not onednn_packs(torch.bfloat16), reason="oneDNN cannot pack bf16 on this CPU (no AVX512)"))])
 def test_low_precision_predictions_stay_close_to_float(precision, monkeypatch):
     if precision == "int8-fbgemm":  # the fallback where the CPU has no VNNI
         monkeypatch.setattr(inference, "int8_onednn_available", lambda: False)
         precision = "int8"
+    if precision == "bf16-plain":  # the fallback where oneDNN cannot pack bf16
+        monkeypatch.setattr(inference, "onednn_packs", lambda dtype: dtype == torch.float32)
+        precision = "bf16"
     model = tiny_model(d_model=64, ff=128, src_vocab_size=50, tgt_vocab_size=50)
     src, tgt = random_batch(model.cfg, batch=8, src_len=12, tgt_len=10)
     with torch.no_grad():
@@ -125,7 +128,7 @@ def test_low_precision_predictions_stay_close_to_float(precision, monkeypatch):
 def test_bf16_packs_every_linear_in_bf16():
     packed = prepare_for_cpu(tiny_model(), "bf16")
     layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
-    assert len(layers) == 2 * 4 + 2 * 7 + 1 and all(m.packed_weight.dtype == torch.bfloat16 for m in layers)
+    assert len(layers) == 2 * 4 + 2 * 7 + 1 and all(m.weight.dtype == torch.bfloat16 for m in layers)
     with pytest.raises(ValueError, match="precision 'fp16' is not one of"):
         prepare_for_cpu(tiny_model(), "fp16")
 
