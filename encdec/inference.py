@@ -64,38 +64,65 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+def column_blocks(weight: Tensor, bias: Tensor | None, blocks: int) -> tuple[Tensor, Tensor]:
+    """``W^T`` of an ``(out, in)`` ``weight`` cut into ``blocks`` equal blocks of output columns,
+    ``(blocks, in, ceil(out / blocks))``, and the bias likewise ``(blocks, 1, ceil(out / blocks))``;
+    the last block is padded with zero columns."""
+    out, width = weight.size(0), -(-weight.size(0) // max(1, min(blocks, weight.size(0))))
+    padded = weight.new_zeros(width * -(-out // width), weight.size(1))
+    padded[:out] = weight
+    padded_bias = weight.new_zeros(padded.size(0))
+    if bias is not None:
+        padded_bias[:out] = bias
+    return (padded.view(-1, width, weight.size(1)).transpose(1, 2).contiguous(),
+            padded_bias.view(-1, 1, width))
+
+
 class PackedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored in oneDNN's blocked layout for CPU matrix products.
 
-    Inference only (no gradients, not saved). ``rows_hint`` is the number of input
-    rows the layout is tuned for; any number of rows and leading dimensions work.
-    ``dtype`` is the weights' and the product's precision (float32 or bfloat16);
-    inputs and outputs are float32 either way.
+    Inference only (no gradients, not saved). ``rows_hint`` is the number of input rows the
+    layout is tuned for; any number of rows and leading dimensions work. ``dtype`` is the
+    weights' and the product's precision (float32 or bfloat16); inputs and outputs are float32
+    either way.
 
-    Every row count takes the packed product, a single matrix-vector row too. Earlier
-    versions sent inputs of at most 4 rows to ``F.linear`` (MKL's matrix-vector kernel)
-    on a second, plain copy of the weights: on a 2-thread AMX Xeon one row times the
-    512 x 32000 output layer took 1.26 ms that way against 1.53 packed, but on a 2-core
-    AMD EPYC (AVX512, no AMX), one row through the small model's 19 decoder and output
-    matrices in turn (20 MB, so each is read from memory, as in decoding) took 2.9 ms
-    with ``F.linear`` against 1.3 ms packed, and batch-1 greedy decoding of the base model
-    ran 52 tokens/s against 82. One layout everywhere also keeps one copy of the weights.
+    A single row (batch-1 greedy decoding) in float32 takes a second copy of the weights:
+    neither oneDNN's packed product nor MKL's matrix-vector kernel splits one row between
+    threads, so both read the weights at one core's memory bandwidth. ``blocks`` holds ``W^T``
+    cut into one block of output columns per thread (``(threads, in, out / threads)``,
+    :func:`column_blocks`), and a batched product streams the blocks in parallel. On a 2-core
+    AMD EPYC without AVX512 (2 threads; one row through every decoder and output matrix in
+    turn, as a decoding step reads them), the small model's 19 MB took 0.6-1.2 ms that way
+    against 1.4-1.9 packed, the base model's 154 MB 5.9-6.9 ms (~26 GB/s, the memory's
+    2-thread read rate) against 8.4-9.1; greedy batch-1 decoding ran ~30% faster (small 244-294
+    -> 330-411 tokens/s, base 72 -> 93-95). From two rows up the packed product is as fast or
+    faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8), and
+    for the small ones the blocks' gain (256 x 256 at 32 rows: 44 against 96 us alone) shrank to
+    ~2% of a batch-32 decoding, so only single rows take them. They double the float32 weights'
+    memory. (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector
+    kernel, was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
-    Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), the weights are kept
-    plain in ``dtype`` and ``F.linear`` multiplies them: the same results, more slowly.
+    Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), bf16 weights stay
+    plain and ``F.linear`` multiplies them: the same results, more slowly.
     """
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 32, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
         weight = linear.weight.detach().to(dtype)
-        self.packed = onednn_packs(dtype)
-        # (out_features, in_features) in oneDNN's blocked layout where packed, else as it was.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
+        self.packed = onednn_packs(dtype)
+        # (out_features, in_features), in oneDNN's blocked layout where packed.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
+        self.blocks = self.block_bias = None  # single rows': (threads, in, width), (threads, 1, width)
+        if self.packed and dtype == torch.float32:
+            self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
+        if self.blocks is not None and x.numel() == self.in_features:
+            y = torch.baddbmm(self.block_bias, x.reshape(1, 1, -1).expand(self.blocks.size(0), 1, -1), self.blocks)
+            return y.view(1, -1)[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         else:
@@ -104,7 +131,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed={self.packed}")
+                f"dtype={self.dtype}, packed={self.packed}, single_row_blocks={self.blocks is not None}")
 
 
 def int8_onednn_available() -> bool:

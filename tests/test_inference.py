@@ -40,13 +40,18 @@ def test_packed_float32_model_gives_the_same_results():
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
-@pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (5,), (3, 11), (32,)])
-def test_packed_linear_equals_linear_for_few_and_many_rows(shape):
-    """Few rows take F.linear on the plain weight, more take the packed product: both give Linear's result."""
-    linear = nn.Linear(24, 40)
+@pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (1, 1), (3, 11), (32,)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, monkeypatch):
+    """One row takes the column blocks (padded where the threads do not divide the outputs),
+    more rows the packed product: both give Linear's result."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    linear = nn.Linear(24, 41)
+    packed = PackedLinear(linear)
+    assert packed.blocks.shape == (threads, 24, -(-41 // threads))
     x = torch.randn(*shape, 24)
     with torch.no_grad():
-        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
 INT8_KINDS = ["fbgemm", pytest.param("onednn", marks=pytest.mark.skipif(
