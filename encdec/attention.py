@@ -49,17 +49,26 @@ class KVCache:
         self._k: Tensor | None = None  # (buffer positions, batch, heads, head_dim)
         self._v: Tensor | None = None
         self._spare: tuple[Tensor, Tensor] | None = None  # reorder()'s second buffers, flat
+        self._views: tuple[Tensor, Tensor] | None = None  # k and v, until append() or reorder()
 
     def __len__(self) -> int:
         return self.length
 
+    def _filled(self) -> tuple[Tensor, Tensor] | None:
+        # Encoder-decoder attention reads the same views at every step: made once, not per read.
+        if self._views is None and self._k is not None:
+            self._views = (self._k[: self.length].permute(1, 2, 0, 3), self._v[: self.length].permute(1, 2, 0, 3))
+        return self._views
+
     @property
     def k(self) -> Tensor | None:
-        return None if self._k is None else self._k[: self.length].permute(1, 2, 0, 3)
+        views = self._filled()
+        return None if views is None else views[0]
 
     @property
     def v(self) -> Tensor | None:
-        return None if self._v is None else self._v[: self.length].permute(1, 2, 0, 3)
+        views = self._filled()
+        return None if views is None else views[1]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(batch, heads, new, head_dim)`` keys and values; returns all of them so far."""
@@ -74,13 +83,14 @@ class KVCache:
             self._k, self._v = grown_k, grown_v
         self._k[self.length : end] = k.permute(2, 0, 1, 3)
         self._v[self.length : end] = v.permute(2, 0, 1, 3)
-        self.length = end
-        return self.k, self.v
+        self.length, self._views = end, None
+        return self._filled()
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering and pruning)."""
         if self._k is None:
             return
+        self._views = None
         if not self.capacity or self._k.requires_grad:  # (out= copies cannot be differentiated)
             self._k, self._v = self._k.index_select(1, index), self._v.index_select(1, index)
             return
@@ -259,7 +269,8 @@ class MultiHeadAttention(nn.Module):
         """
         d, groups = self.d_model, 1
         if memory is None:
-            q, k, v = (self._split_heads(t) for t in self.in_proj(x).split(d, dim=-1))
+            b, t, _ = x.shape  # one view for the three: (3, batch, heads, len, head_dim)
+            q, k, v = self.in_proj(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:

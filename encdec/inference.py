@@ -117,12 +117,15 @@ class PackedLinear(nn.Module):
         self.blocks = self.block_bias = None  # single rows': (threads, in, width), (threads, 1, width)
         if self.packed and dtype == torch.float32:
             self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
+        self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
         if self.blocks is not None and x.numel() == self.in_features:
             y = torch.baddbmm(self.block_bias, x.reshape(1, 1, -1).expand(self.blocks.size(0), 1, -1), self.blocks)
-            return y.view(1, -1)[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+            if self._padded:
+                y = y.view(-1)[: self.out_features]
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         else:
