@@ -96,10 +96,12 @@ class PackedLinear(nn.Module):
     against 1.4-1.9 packed, the base model's 154 MB 5.9-6.9 ms (~26 GB/s, the memory's
     2-thread read rate) against 8.4-9.1; greedy batch-1 decoding ran ~30% faster (small 244-294
     -> 330-411 tokens/s, base 72 -> 93-95). From two rows up the packed product is as fast or
-    faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8), and
-    for the small ones the blocks' gain (256 x 256 at 32 rows: 44 against 96 us alone) shrank to
-    ~2% of a batch-32 decoding, so only single rows take them. They double the float32 weights'
-    memory. (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector
+    faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8). For
+    matrices of at most :data:`SMALL_MATRIX` weights the blocks also skip oneDNN's fixed cost per
+    call, so up to :data:`FEW_ROWS` rows take them (5 rows, alone: 256 x 256 21 against 59 us,
+    512 x 512 59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208
+    tokens/s); at 32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a
+    batch-32 decoding and at 160 to nothing. The blocks double the float32 weights' memory. (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector
     kernel, was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
     Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), bf16 weights stay
@@ -118,14 +120,20 @@ class PackedLinear(nn.Module):
         if self.packed and dtype == torch.float32:
             self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
         self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
+        # The most input elements the blocks take: one row, or a few for a small matrix.
+        self._block_elements = 0 if self.blocks is None else self.in_features * (
+            FEW_ROWS if weight.numel() <= SMALL_MATRIX else 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
-        if self.blocks is not None and x.numel() == self.in_features:
-            y = torch.baddbmm(self.block_bias, x.reshape(1, 1, -1).expand(self.blocks.size(0), 1, -1), self.blocks)
+        if x.numel() <= self._block_elements:
+            rows, threads = x.numel() // self.in_features, self.blocks.size(0)
+            y = torch.baddbmm(self.block_bias, x.reshape(1, rows, -1).expand(threads, rows, -1), self.blocks)
+            if rows > 1:  # (threads, rows, width) -> (rows, threads, width)
+                y = y.transpose(0, 1).reshape(rows, -1)
             if self._padded:
-                y = y.view(-1)[: self.out_features]
-            return y.view(*x.shape[:-1], self.out_features)
+                y = y.reshape(rows, -1)[:, : self.out_features]
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         else:
@@ -134,7 +142,13 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed={self.packed}, single_row_blocks={self.blocks is not None}")
+                f"dtype={self.dtype}, packed={self.packed}, block_rows={self._block_elements // self.in_features}")
+
+
+# Float32 matrices of at most SMALL_MATRIX weights (512 x 1024) take the column blocks for up to
+# FEW_ROWS rows (beam 5 at batch 1): there they skip oneDNN's fixed cost per call (see PackedLinear).
+SMALL_MATRIX = 2 ** 19
+FEW_ROWS = 8
 
 
 def int8_onednn_available() -> bool:
