@@ -71,41 +71,32 @@ class _Step:
             self.cache.reorder_cross_attention(sentences)
 
 
-def _logsumexp_rows(logits: Tensor, rows: int = 16) -> Tensor:
-    """``logits.logsumexp(1, keepdim=True)`` ``(n, 1)``, a few rows at a time.
-
-    A whole (160, 32000) float32 logsumexp makes 20 MB temporaries; glibc hands blocks that large
-    out as fresh pages, and their page faults measured 18 ms a call in beam 5 batch 32 decoding
-    against ~2 ms for the arithmetic. Temporaries of 16 rows (2 MB) are reused from the heap.
-    """
-    if logits.size(0) <= rows:
-        return logits.logsumexp(1, keepdim=True)
-    return torch.cat([chunk.logsumexp(1, keepdim=True) for chunk in logits.split(rows)])
-
-
 def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
                        eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``m`` best one-token continuations of each sentence's beams.
 
     Args:
-        logits: next-token logits of every beam, ``(sentences * beams, vocab)``.
+        logits: next-token logits of every beam, ``(sentences * beams, vocab)``; overwritten
+            with their log-softmax.
         scores: the beams' log-probabilities so far, ``(sentences, beams)``.
         at_limit: ``(sentences * beams,)`` bool: beams that may only end now (length limit).
     Returns:
         scores, beam and token of the best continuations, each ``(sentences, m')`` with
         ``m' = min(m, beams * candidates)``, best first.
 
-    A continuation's score is the beam's plus ``logit - logsumexp(logits)``, the same offset
-    for a whole row, so a sentence's best ``m`` are among each beam's best ``m`` logits: only
-    those ``beams * m`` are ranked, and no ``(rows, vocab)`` log-softmax is written.
+    A continuation's score is the beam's plus the token's log-probability, so a sentence's best
+    ``m`` are among each beam's best ``m`` tokens: only those ``beams * m`` are ranked. The
+    log-softmax is written over the logits in place: one pass that allocates nothing, where a
+    separate log-normaliser (``logsumexp``) made temporaries of the logits' size, and was slower
+    ((160, 8000), 2 threads: 0.67 against 1.28 ms in 16-row chunks; (160, 32000) 3.8 against 4.9).
     """
     n, beams = scores.shape
     per_row = min(m, logits.size(1))
-    best, token = logits.topk(per_row, dim=1)
-    log_normaliser = _logsumexp_rows(logits)
-    total = scores.reshape(-1, 1) + (best - log_normaliser)
+    log_probs = torch.log_softmax(logits, 1, out=logits)
+    best, token = log_probs.topk(per_row, dim=1)
+    total = scores.reshape(-1, 1) + best
     if at_limit.any():  # only the end token: one candidate, the rest -inf
-        forced = scores.reshape(-1)[at_limit] + (logits[at_limit, eos_id] - log_normaliser[at_limit, 0])
+        forced = scores.reshape(-1)[at_limit] + log_probs[at_limit, eos_id]
         total[at_limit] = float("-inf")
         total[at_limit, 0] = forced
         token[at_limit, 0] = eos_id
