@@ -102,9 +102,12 @@ class KVCache:
             moved = (index != torch.arange(rows, device=index.device)).nonzero().squeeze(1)
             if 2 * moved.numel() <= rows:
                 if moved.numel():
+                    # Indexing, not index_select + index_copy_: that pair measured ~2x slower
+                    # (2 threads, 60 of 160 rows x 25 positions: 290 against 560 us), its threads
+                    # splitting the rows differently and passing cache lines between cores.
                     source = index[moved]
-                    filled_k.index_copy_(1, moved, filled_k.index_select(1, source))
-                    filled_v.index_copy_(1, moved, filled_v.index_select(1, source))
+                    filled_k[:, moved] = filled_k[:, source]
+                    filled_v[:, moved] = filled_v[:, source]
                 return
         # Preallocated: copy only the filled positions, into a second buffer that then swaps with
         # the first, so beam search's per-step reordering allocates nothing. The buffers are kept
