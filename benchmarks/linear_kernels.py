@@ -1,13 +1,15 @@
 """Time one Linear layer per kernel at decoding's shapes: why `encdec.inference` picks what it picks.
 
-    python benchmarks/linear_kernels.py             # base model's shapes, 2 threads (~1 min)
+    python benchmarks/linear_kernels.py             # small and base models' shapes, 2 threads (~1 min)
     python benchmarks/linear_kernels.py --threads 1
 
 Decoding multiplies a few rows (one per live hypothesis: 1 for batch-1 greedy, 32 for batch-32
 greedy, 160 for batch-32 beam 5) by each weight matrix. For every (rows, in, out) this prints the
 median milliseconds per call of
 
-- `F.linear` (float32, MKL), `PackedLinear` float32 and bf16 (oneDNN blocked weights),
+- `F.linear` (float32, MKL), `PackedLinear` float32 (what decoding uses) and bf16, and the two float32
+  products it picks between by row count: `oneDNN packed` (oneDNN blocked weights) and `column
+  blocks` (`W^T` cut into one block of output columns per thread, one batched product),
 - `fbgemm int8`: torch.ao dynamic quantization (what `prepare_for_cpu(.., "int8")` falls back to),
 - `oneDNN int8`: `Int8Linear`'s oneDNN product at any row count, `quantize only`: its activation
   quantization alone (part of that time), and
@@ -37,7 +39,7 @@ from torch import nn
 from encdec.inference import Int8Linear, PackedLinear, int8_onednn_available, onednn_available, quantize_activations
 from encdec.train import bf16_is_native
 
-SHAPES = [(512, 512), (512, 1024), (512, 2048), (2048, 512), (512, 32000)]  # (in, out) of the base model
+SHAPES = [(256, 256), (256, 1024), (512, 512), (512, 1024), (512, 2048), (2048, 512), (512, 32000)]  # small, base
 ROWS = [1, 5, 32, 160]
 MODELS = {"small": (256, 1024, 3, 8000), "base": (512, 2048, 6, 32000)}  # d_model, ff, decoder layers, vocabulary
 
@@ -79,7 +81,11 @@ def median_ms(fn, x: torch.Tensor, seconds: float = 0.25) -> float:
 def kernels(linear: nn.Linear) -> dict:
     out = {"F.linear": lambda x: F.linear(x, linear.weight, linear.bias)}
     if onednn_available():
-        out["PackedLinear fp32"] = PackedLinear(linear)
+        out["PackedLinear fp32"] = PackedLinear(linear)  # what decoding uses: one of the next two by rows
+        out["oneDNN packed"] = PackedLinear(linear)
+        out["oneDNN packed"]._block_elements = 0  # never the column blocks
+        out["column blocks"] = PackedLinear(linear)
+        out["column blocks"]._block_elements = 1 << 62  # always them
         if bf16_is_native(torch.device("cpu")):
             out["PackedLinear bf16"] = PackedLinear(linear, dtype=torch.bfloat16)
     with warnings.catch_warnings():
