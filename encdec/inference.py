@@ -101,8 +101,9 @@ class PackedLinear(nn.Module):
     call, so up to :data:`FEW_ROWS` rows take them (5 rows, alone: 256 x 256 21 against 59 us,
     512 x 512 59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208
     tokens/s); at 32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a
-    batch-32 decoding and at 160 to nothing. The blocks double the float32 weights' memory. (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector
-    kernel, was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
+    batch-32 decoding and at 160 to nothing. The blocks double the float32 weights' memory.
+    (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector kernel,
+    was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
     Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), bf16 weights stay
     plain and ``F.linear`` multiplies them: the same results, more slowly.
@@ -116,7 +117,7 @@ class PackedLinear(nn.Module):
         self.packed = onednn_packs(dtype)
         # (out_features, in_features), in oneDNN's blocked layout where packed.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
-        self.blocks = self.block_bias = None  # single rows': (threads, in, width), (threads, 1, width)
+        self.blocks = self.block_bias = None  # few rows': (threads, in, width), (threads, 1, width)
         if self.packed and dtype == torch.float32:
             self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
         self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
@@ -126,7 +127,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
-        if x.numel() <= self._block_elements:
+        if 0 < x.numel() <= self._block_elements:
             rows, threads = x.numel() // self.in_features, self.blocks.size(0)
             y = torch.baddbmm(self.block_bias, x.reshape(1, rows, -1).expand(threads, rows, -1), self.blocks)
             if rows > 1:  # (threads, rows, width) -> (rows, threads, width)

@@ -40,7 +40,7 @@ def test_packed_float32_model_gives_the_same_results():
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
-@pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (1, 1), (3, 11), (32,)])
+@pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (1, 1), (3, 11), (32,), (0,)])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("size, block_rows", [((24, 41), inference.FEW_ROWS), ((1024, 601), 1)])
 def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size, block_rows, monkeypatch):
