@@ -75,5 +75,4 @@ class PositionalEncoding(nn.Module):
         if end > self.max_len:
             raise ValueError(f"sequence of length {end} is longer than the model's max_len={self.max_len}; "
                              "shorten the input or build the model with a larger max_len")
-        x = x + self.table[offset:end]
-        return self.dropout(x) if self.training else x
+        return self.dropout(x + self.table[offset:end])

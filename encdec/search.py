@@ -186,6 +186,7 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
     cfg, k = model.cfg, beam_size
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
+    limits = limit.tolist()  # read per sentence and step: once, not as tensor elements
     step = _Step(model, src, steps=int(limit.max()))
     batch, device = src.size(0), src.device
     alive = torch.arange(batch, device=device)
@@ -212,7 +213,7 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         rows = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, go_rank)
         next_token = top_token.gather(1, go_rank)
         best_live = go_scores.max(1).values.tolist()
-        done = torch.tensor([len(finished[s]) >= k or settled(finished[s], n_best, best_live[i], t, int(limit[s]), alpha)
+        done = torch.tensor([len(finished[s]) >= k or settled(finished[s], n_best, best_live[i], t, limits[s], alpha)
                              for i, s in enumerate(alive.tolist())], device=device) | (limit[alive] <= t)
         if done.all():
             break
