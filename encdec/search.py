@@ -71,6 +71,18 @@ class _Step:
             self.cache.reorder_cross_attention(sentences)
 
 
+def most_probable(logits: Tensor) -> Tensor:
+    """Each row's highest-scoring token, the first where several tie: ``(rows, vocab)`` -> ``(rows,)``.
+
+    On a CPU this is NumPy's ``argmax`` on the same memory: torch 2.13's CPU argmax reduction took
+    ~10x longer (2 threads: (32, 8000) 338 against 31 us, (32, 32000) ~1.3 ms against ~0.13,
+    (160, 8000) 1.7 against 0.15 ms), a few per cent of a batch-32 greedy step.
+    """
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.argmax(-1)
+    return torch.from_numpy(logits.numpy().argmax(-1))
+
+
 def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
                        eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``m`` best one-token continuations of each sentence's beams.
@@ -154,7 +166,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
     out = torch.full((src.size(0), steps), -1, dtype=torch.long, device=device)  # -1: nothing (ended)
     for t in range(1, steps + 1):
-        last = step.logits(last).argmax(-1)  # the argmax of the logits is that of the probabilities
+        last = most_probable(step.logits(last))  # the argmax of the logits is that of the probabilities
         # The length limit counts the end token, as in beam search.
         done = (last == cfg.eos_id) | (limit[alive] <= t)
         out[alive, t - 1] = last.masked_fill(done, -1)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import encdec.search as search
-from encdec.search import beam_search, best_continuations, greedy_search, length_penalty, stay_in_place
+from encdec.search import (beam_search, best_continuations, greedy_search, length_penalty, most_probable,
+                           stay_in_place)
 
 from conftest import tiny_model
 
@@ -91,6 +92,21 @@ def test_early_stop_returns_what_running_to_beam_size_finished_returns(model, mo
 def test_n_best_larger_than_beam_is_rejected(model):
     with pytest.raises(ValueError, match="n_best"):
         beam_search(model, _sources(model.cfg), beam_size=2, n_best=3)
+
+
+def test_most_probable_equals_torch_argmax_with_ties_and_infinities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 1000, generator=g).round()  # many ties: the first maximum wins
+    logits[2] = 0.0
+    logits[3, 500:] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 7] = logits[5].max() + 1
+    with torch.inference_mode():  # as decoding calls it
+        got = most_probable(logits)
+    assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1))
+    assert got[2] == 0 and got[3] == 500 and got[5] == 7
+    strided = logits[:, ::3]  # not contiguous
+    assert torch.equal(most_probable(strided), strided.argmax(-1))
 
 
 @pytest.mark.parametrize("m", [2, 6, 40])
