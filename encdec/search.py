@@ -83,6 +83,30 @@ def most_probable(logits: Tensor) -> Tensor:
     return torch.from_numpy(logits.numpy().argmax(-1))
 
 
+def top_k_rows(x: Tensor, k: int, depth: int = 16) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` (values and indices, best first) of a ``(rows, n)`` tensor, by way of a
+    pre-selection: the same values; among equal values the order may differ.
+
+    Each row is viewed as ``(depth, n // depth)``; a column's maximum bounds its ``depth`` elements,
+    and the ``k`` best elements lie in the ``k`` columns with the best maxima (every other column's
+    maximum is at most the ``k``-th best maximum, itself at most the ``k``-th best element), so only
+    those ``k * depth`` elements, and the ``n % depth`` left over, are ranked. The column maxima are
+    one vectorised pass; torch 2.13's CPU ``topk`` reads each element ~5x more slowly. 2 threads,
+    k=10: (160, 8000) 1.49 against 0.6-1.2 ms, (160, 32000) 4.9 against 1.4-1.7, (32, 32000) 0.77
+    against 0.22; below ~128k elements the plain ``topk`` is as fast or faster and is used.
+    """
+    rows, n = x.shape
+    width = n // depth
+    if x.device.type != "cpu" or rows * n < 2 ** 17 or width < 4 * k:
+        return x.topk(k, dim=1)
+    columns = x[:, : depth * width].view(rows, depth, width).amax(1).topk(k, dim=1, sorted=False).indices
+    index = (columns[:, None, :] + width * torch.arange(depth, device=x.device)[:, None]).view(rows, -1)
+    if depth * width < n:
+        index = torch.cat([index, torch.arange(depth * width, n, device=x.device).expand(rows, -1)], 1)
+    values, best = x.gather(1, index).topk(k, dim=1)
+    return values, index.gather(1, best)
+
+
 def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
                        eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``m`` best one-token continuations of each sentence's beams.
@@ -105,7 +129,7 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     n, beams = scores.shape
     per_row = min(m, logits.size(1))
     log_probs = torch.log_softmax(logits, 1, out=logits)
-    best, token = log_probs.topk(per_row, dim=1)
+    best, token = top_k_rows(log_probs, per_row)
     total = scores.reshape(-1, 1) + best
     if at_limit.any():  # only the end token: one candidate, the rest -inf
         forced = scores.reshape(-1)[at_limit] + log_probs[at_limit, eos_id]

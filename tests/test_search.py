@@ -4,7 +4,7 @@ import torch
 
 import encdec.search as search
 from encdec.search import (beam_search, best_continuations, greedy_search, length_penalty, most_probable,
-                           stay_in_place)
+                           stay_in_place, top_k_rows)
 
 from conftest import tiny_model
 
@@ -107,6 +107,24 @@ def test_most_probable_equals_torch_argmax_with_ties_and_infinities():
     assert got[2] == 0 and got[3] == 500 and got[5] == 7
     strided = logits[:, ::3]  # not contiguous
     assert torch.equal(most_probable(strided), strided.argmax(-1))
+
+
+@pytest.mark.parametrize("rows,n,k", [(160, 8000, 10), (40, 32003, 6), (17, 8191, 1), (3, 100, 10)])
+def test_top_k_rows_equals_topk(rows, n, k):
+    """The pre-selected top k has topk's values, best first, at indices that hold them; with a
+    remainder past the last full column, a best element in it, ties, -inf rows, and below the
+    size where the plain topk runs."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, n, generator=g)
+    x[0, -1] = 100.0  # in the n % depth left over (where there are any)
+    x[1] = x[1].round()  # ties
+    x[2, : n // 2] = float("-inf")
+    x[rows - 1, 5:] = float("-inf")  # fewer finite values than k at most once
+    want = x.topk(k, dim=1)
+    values, index = top_k_rows(x, k)
+    assert torch.equal(values, want.values)
+    assert torch.equal(x.gather(1, index), values)
+    assert all(len(set(row)) == k for row in index.tolist())  # k distinct elements per row
 
 
 @pytest.mark.parametrize("m", [2, 6, 40])
