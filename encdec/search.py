@@ -99,7 +99,7 @@ def top_k_rows(x: Tensor, k: int, depth: int = 16) -> tuple[Tensor, Tensor]:
     width = n // depth
     if x.device.type != "cpu" or rows * n < 2 ** 17 or width < 4 * k:
         return x.topk(k, dim=1)
-    columns = x[:, : depth * width].view(rows, depth, width).amax(1).topk(k, dim=1, sorted=False).indices
+    columns = x[:, : depth * width].reshape(rows, depth, width).amax(1).topk(k, dim=1, sorted=False).indices
     index = (columns[:, None, :] + width * torch.arange(depth, device=x.device)[:, None]).view(rows, -1)
     if depth * width < n:
         index = torch.cat([index, torch.arange(depth * width, n, device=x.device).expand(rows, -1)], 1)
