@@ -86,6 +86,19 @@ class KVCache:
         self.length, self._views = end, None
         return self._filled()
 
+    def append_position(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add one position's ``(batch, heads, head_dim)`` keys and values (one decoding step; any
+        strides); returns all of them so far, ``(batch, heads, len, head_dim)``.
+
+        With room left in the preallocated buffers this is one copy each, straight into them.
+        """
+        if self._k is None or self.length >= self._k.size(0):
+            return self.append(k.unsqueeze(2), v.unsqueeze(2))
+        self._k[self.length] = k
+        self._v[self.length] = v
+        self.length, self._views = self.length + 1, None
+        return self._filled()
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering and pruning)."""
         if self._k is None:
@@ -299,6 +312,35 @@ class MultiHeadAttention(nn.Module):
         out = unfold_groups(out, groups)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def self_attention_step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Self-attention for one new position per row (incremental decoding, inference): ``x``
+        ``(rows, d_model)`` -> ``(rows, d_model)``; its key and value are appended to ``cache``.
+
+        What :meth:`forward` computes for a ``(rows, 1, d_model)`` input with a cache, on 2-D states
+        and with fewer views; attention weights are not recorded.
+        """
+        rows = x.size(0)
+        qkv = self.in_proj(x).view(rows, 3, self.heads, self.head_dim)
+        k, v = cache.append_position(qkv[:, 1], qkv[:, 2])
+        out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
+        return self.out_proj(out.reshape(rows, self.d_model))
+
+    def cross_attention_step(self, x: Tensor, cache: KVCache, mask: Tensor | None) -> Tensor:
+        """Encoder-decoder attention for one new position per row (inference): ``x`` ``(rows,
+        d_model)`` -> ``(rows, d_model)``, attending to the keys and values ``cache`` holds (filled
+        by :meth:`project_keys_values`, once per sentence for ``rows / sentences`` consecutive
+        beams; ``mask`` ``(sentences, 1, 1, src_len)`` or ``None``).
+        """
+        rows = x.size(0)
+        if cache.k is None:
+            raise ValueError("the encoder-decoder cache is empty: fill it first (DecoderCache.fill_cross_attention)")
+        groups, rest = divmod(rows, cache.k.size(0))
+        if rest:
+            raise ValueError(f"{rows} query rows for {cache.k.size(0)} cached sentences: not a whole number of beams each")
+        q = self._queries(x).view(rows, self.heads, 1, self.head_dim)
+        out = unfold_groups(_attend(fold_groups(q, groups), cache.k, cache.v, mask, 0.0), groups)
+        return self.out_proj(out.reshape(rows, self.d_model))
 
     def _attention_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                                 dropout: float, groups: int = 1) -> Tensor:

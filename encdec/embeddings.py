@@ -71,8 +71,16 @@ class PositionalEncoding(nn.Module):
             raise ValueError(f"unknown positional encoding {kind!r}; use 'sinusoidal' or 'learned'")
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        end = offset + x.size(1)
+        """``x`` ``(batch, len, d_model)``, positions ``offset`` to ``offset + len - 1``."""
+        self._check(offset + x.size(1))
+        return self.dropout(x + self.table[offset:offset + x.size(1)])
+
+    def at(self, x: Tensor, position: int) -> Tensor:
+        """``x`` ``(batch, d_model)``, all at ``position`` (one decoding step)."""
+        self._check(position + 1)
+        return self.dropout(x + self.table[position])
+
+    def _check(self, end: int) -> None:
         if end > self.max_len:
             raise ValueError(f"sequence of length {end} is longer than the model's max_len={self.max_len}; "
                              "shorten the input or build the model with a larger max_len")
-        return self.dropout(x + self.table[offset:end])

@@ -115,3 +115,10 @@ class DecoderLayer(nn.Module):
         x = self.sublayers[0](x, lambda y: self.self_attn(y, mask=tgt_mask, cache=self_cache))
         x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, mask=src_mask, cache=cross_cache))
         return self.sublayers[2](x, self.feed_forward)
+
+    def step(self, x: Tensor, self_cache: KVCache, cross_cache: KVCache, src_mask: Tensor | None) -> Tensor:
+        """One new position per row (incremental decoding, inference): ``x`` ``(rows, d_model)`` ->
+        ``(rows, d_model)``, as :meth:`forward` with caches computes it for ``(rows, 1, d_model)``."""
+        x = self.sublayers[0](x, lambda y: self.self_attn.self_attention_step(y, self_cache))
+        x = self.sublayers[1](x, lambda y: self.cross_attn.cross_attention_step(y, cross_cache, src_mask))
+        return self.sublayers[2](x, self.feed_forward)

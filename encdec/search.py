@@ -50,16 +50,15 @@ class _Step:
     def __init__(self, model: Transformer, src: Tensor, steps: int) -> None:
         self.model = model
         self.src_mask = padding_mask(src, model.cfg.pad_id)
-        self.memory = model.encode(src, self.src_mask)
+        memory = model.encode(src, self.src_mask)
         if bool(self.src_mask.all()):  # no padding (always at batch 1): attention needs no mask,
             self.src_mask = None  # and without one it does less each step
         self.cache: DecoderCache = model.new_cache(capacity=steps)
-        self.cache.fill_cross_attention(model.decoder, self.memory)
+        self.cache.fill_cross_attention(model.decoder, memory)
 
     def logits(self, last: Tensor) -> Tensor:
         """Next-token logits ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
-        hidden = self.model.decode(last[:, None], self.memory, self.src_mask, self.cache)
-        return self.model.project(hidden[:, -1]).float()
+        return self.model.project(self.model.decode_step(last, self.cache, self.src_mask)).float()
 
     def keep(self, rows: Tensor, sentences: Tensor | None = None) -> None:
         """Keep (reorder, repeat) hypothesis ``rows``; ``sentences``: the live sentences that

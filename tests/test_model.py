@@ -69,6 +69,44 @@ def test_cached_step_by_step_decoding_equals_full_sequence(overrides):
     torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"norm": "pre"}, {"positional": "learned"}])
+@pytest.mark.parametrize("capacity", [0, 4, 16])  # no buffers, buffers that must grow, enough room
+def test_decode_step_equals_full_sequence_decoding(overrides, capacity):
+    model = tiny_model(**overrides).eval()
+    src, tgt = random_batch(model.cfg, tgt_len=9)
+    src[1, 5:] = model.cfg.pad_id
+    src_mask = padding_mask(src, model.cfg.pad_id)
+    memory = model.encode(src, src_mask)
+    full = model.decode(tgt, memory, src_mask)
+    cache = model.new_cache(capacity)
+    cache.fill_cross_attention(model.decoder, memory)
+    steps = torch.stack([model.decode_step(tgt[:, t], cache, src_mask) for t in range(tgt.size(1))], 1)
+    assert len(cache) == tgt.size(1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_with_beams_sharing_one_sentence_s_encoder_keys_and_values():
+    model = tiny_model().eval()
+    beams = 3
+    src, tgt = random_batch(model.cfg, batch=2, tgt_len=6)
+    src[0, 4:] = model.cfg.pad_id
+    tgt = tgt.repeat_interleave(beams, 0)
+    tgt[1::beams, 2:] = (tgt[1::beams, 2:] + 1) % model.cfg.tgt_vocab_size  # beams that differ
+    src_mask = padding_mask(src, model.cfg.pad_id)
+    memory = model.encode(src, src_mask)
+    full = model.decode(tgt, memory.repeat_interleave(beams, 0), src_mask.repeat_interleave(beams, 0))
+    cache = model.new_cache(8)
+    cache.fill_cross_attention(model.decoder, memory)  # once per sentence, not per beam
+    steps = torch.stack([model.decode_step(tgt[:, t], cache, src_mask) for t in range(tgt.size(1))], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    uneven = model.new_cache(8)
+    uneven.fill_cross_attention(model.decoder, memory)
+    with pytest.raises(ValueError, match="whole number of beams"):
+        model.decode_step(tgt[:5, 0], uneven, src_mask)  # 5 rows for 2 sentences
+    with pytest.raises(ValueError, match="fill it first"):
+        model.decode_step(tgt[:, 0], model.new_cache(8), src_mask)
+
+
 def test_sharing_and_tying_use_one_tensor():
     model = build_model(tiny_config(tgt_vocab_size=23, share_embeddings=True, tie_output=True))
     assert model.src_embed.weight is model.tgt_embed.weight
