@@ -265,7 +265,7 @@ def main() -> None:
     os.environ["SPEED_THREADS"] = str(THREADS)  # for the workers
     configs = (args.configs or ("small" if args.quick else "small,base")).split(",")
     # --quick: fewer steps, and decoding batches of 8 (HF beam search on 32 sentences alone takes ~30 s)
-    steps, warmup, budget, n1, nb = (4, 1, 20, 2, 8) if args.quick else (10, 2, 60, 8, 32)
+    steps, warmup, budget, n1, nb = (4, 1, 20, 2, 8) if args.quick else (10, 1, 45, 8, 32)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
