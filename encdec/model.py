@@ -162,8 +162,9 @@ class Transformer(nn.Module):
         views and calls (no masks to build, one copy per cached key and value). In-process A/B on
         the 2-core EPYC, small model, greedy median tokens/s in two sessions of the VM: batch 1
         272 -> 310 and 377 -> 398, batch 32 2,288 -> 2,519 and 2,691 -> 2,720; beam 5 and the base
-        model, whose steps are mostly matrix products, within the noise. The encoder-decoder keys and values must be in the cache
-        (:meth:`DecoderCache.fill_cross_attention`); attention weights are not recorded.
+        model, whose steps are mostly matrix products, within the noise. The encoder-decoder keys
+        and values must be in the cache (:meth:`DecoderCache.fill_cross_attention`); attention
+        weights are not recorded.
         """
         x = self.tgt_pos.at(self.tgt_embed(last), len(cache))
         return self.decoder.step(x, cache, src_mask)
