@@ -150,6 +150,14 @@ def fold_groups(q: Tensor, groups: int) -> Tensor:
         n // groups, heads, groups * length, dim)
 
 
+def beams_per_sentence(rows: int, sentences: int) -> int:
+    """How many consecutive query rows share each cached sentence's encoder keys and values."""
+    groups, rest = divmod(rows, sentences)
+    if rest:
+        raise ValueError(f"{rows} query rows for {sentences} cached sentences: not a whole number of beams each")
+    return groups
+
+
 def unfold_groups(x: Tensor, groups: int) -> Tensor:
     """The inverse of :func:`fold_groups` (also for attention weights, whose last dimension is the keys')."""
     if groups == 1:
@@ -299,10 +307,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.k, cache.v
                 # Beam search keeps each sentence's encoder keys and values once, for all its
                 # beams: then the beams are folded into the query positions of their sentence.
-                groups, rest = divmod(q.size(0), k.size(0))
-                if rest:
-                    raise ValueError(f"{q.size(0)} query rows for {k.size(0)} cached sentences: "
-                                     "not a whole number of beams each")
+                groups = beams_per_sentence(q.size(0), k.size(0))
                 q = fold_groups(q, groups)
         dropout = self.dropout if self.training else 0.0
         if self.record_weights:
@@ -335,9 +340,7 @@ class MultiHeadAttention(nn.Module):
         rows = x.size(0)
         if cache.k is None:
             raise ValueError("the encoder-decoder cache is empty: fill it first (DecoderCache.fill_cross_attention)")
-        groups, rest = divmod(rows, cache.k.size(0))
-        if rest:
-            raise ValueError(f"{rows} query rows for {cache.k.size(0)} cached sentences: not a whole number of beams each")
+        groups = beams_per_sentence(rows, cache.k.size(0))
         q = self._queries(x).view(rows, self.heads, 1, self.head_dim)
         out = unfold_groups(_attend(fold_groups(q, groups), cache.k, cache.v, mask, 0.0), groups)
         return self.out_proj(out.reshape(rows, self.d_model))
