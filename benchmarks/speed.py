@@ -308,8 +308,8 @@ def main() -> None:
                       "count (~4096 padded tokens), loss over every position. `encdec, N processes`: encdec's step as "
                       "`torchrun -m encdec -- train` runs it, N processes of one thread, each with every N-th "
                       "sentence of the batch, DDP over gloo (RSS summed). `-bf16`: the same step under "
-                      "`torch.autocast` bf16 (what `train.precision: bf16` and HF's `bf16=True` do). Adam. "
-                      "tokens/s counts real (non-pad) "
+                      "`torch.autocast` bf16 (what `train.precision: bf16` and HF's `bf16=True` do). Adam, fused for every "
+                      "system (HF's Trainer defaults to it). tokens/s counts real (non-pad) "
                       f"target tokens; {warmup} warm-up steps, then up to {steps} steps or {budget} s.", "",
                       *train_table(rows, peak, peak_bf16), ""]
         if args.only != "train":
