@@ -123,6 +123,12 @@ def prepare(cfg: RunConfig, run_dir: Path, log=print) -> tuple[Tokenizer, Tokeni
     data = cfg.data
     src_path, tgt_path = run_dir / "src.tokenizer", run_dir / "tgt.tokenizer"
     if not (src_path.exists() and tgt_path.exists()):
+        # Stops at the first pair with text on both sides; without one, tokenizer training would
+        # fail with the tokenizer library's own message.
+        if not any(src.strip() and tgt.strip() for src, tgt in read_pairs(data.train)):
+            files = data.train if isinstance(data.train, str) else " and ".join(map(str, data.train))
+            raise ValueError(f"data.train: no pair with text on both sides in {files}; "
+                             "check the files are non-empty and aligned")
         if data.shared_vocab:
             tok = _train_tokenizer(data.src_tokenizer, _tokenizer_lines(data.train, "both"), src_path)
             tok.save(tgt_path)

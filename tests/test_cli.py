@@ -63,6 +63,20 @@ def test_mismatched_training_files_are_reported(tmp_path, capsys):
     assert "ends after 1 lines" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "char"])
+@pytest.mark.parametrize("src, tgt", [("", ""), ("a\n\n", "\nb\n")])
+def test_training_data_without_text_is_reported(tmp_path, capsys, kind, src, tgt):
+    (tmp_path / "t.src").write_text(src)
+    (tmp_path / "t.tgt").write_text(tgt)
+    (tmp_path / "d.tsv").write_text("a\tb\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train: [{tmp_path}/t.src, {tmp_path}/t.tgt], dev: {tmp_path}/d.tsv, "
+                      f"src_tokenizer: {{kind: {kind}}}}}\n")
+    assert main(["train", str(config), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.train: no pair with text on both sides" in err[0] and "t.src" in err[0], err
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for a few steps through the CLI."""
