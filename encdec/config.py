@@ -32,6 +32,13 @@ def _check_positive(section: str, obj: Any, *names: str) -> None:
             raise ConfigError(f"{section}.{name}: must be > 0, got {value!r}")
 
 
+def _check_not_negative(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ConfigError(f"{section}.{name}: must be >= 0, got {value!r}")
+
+
 def _check_probability(section: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -198,9 +205,12 @@ class TrainConfig:
         _check_choice("train", "metric", self.metric, self.METRICS)
         _check_choice("train", "precision", self.precision, ("fp32", "bf16", "auto"))
         _check_choice("train", "schedule", self.schedule, self.SCHEDULES)
+        _check_positive("train", self, "eps")
+        _check_not_negative("train", self, "warmup", "weight_decay", "clip_norm", "max_epochs", "max_minutes",
+                            "patience", "threads")
         _check_probability("train", self, "label_smoothing")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas: expected two numbers like [0.9, 0.98], got {self.betas!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas: expected two numbers in [0, 1) like [0.9, 0.98], got {self.betas!r}")
 
     @property
     def higher_is_better(self) -> bool:

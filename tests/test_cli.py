@@ -35,6 +35,10 @@ def test_help_explains_each_verb():
     ("data: [unclosed\n", "not valid YAML"),
     ("data: {train: a.tsv, dev: b.tsv, src_tokenizer: {kind: char, case: title}}\n", "case: 'title' is not allowed"),
     ("data: {train: a.tsv, dev: b.tsv, src_tokenizer: {case: upper}}\n", "applies to char and symbol tokenizers only"),
+    ("data: {train: a.tsv, dev: b.tsv}\ntrain: {warmup: -5}\n", "train.warmup: must be >= 0, got -5"),
+    ("data: {train: a.tsv, dev: b.tsv}\ntrain: {clip_norm: -1}\n", "train.clip_norm: must be >= 0"),
+    ("data: {train: a.tsv, dev: b.tsv}\ntrain: {eps: 0}\n", "train.eps: must be > 0"),
+    ("data: {train: a.tsv, dev: b.tsv}\ntrain: {betas: [0.9, 1.5]}\n", "train.betas: expected two numbers in [0, 1)"),
 ])
 def test_bad_configs_give_one_line(tmp_path, capsys, text, message):
     config = tmp_path / "c.yaml"
