@@ -16,12 +16,31 @@ G2P_MODEL = Path(__file__).resolve().parents[1] / "models" / "g2p-en"
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, CheckpointError)
 
 
+def _number(kind: type, low: float, inclusive: bool = True):
+    """An argparse type: ``kind`` (int or float) at least ``low`` (above it if not ``inclusive``)."""
+    bound = f">= {low}" if inclusive else f"> {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1)  # beam sizes, batch sizes, how many
+RATIO = _number(float, 0, inclusive=False)
+
+
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy search (default 5)")
+    p.add_argument("--beam", type=COUNT, default=5, help="beam size; 1 is greedy search (default 5)")
     p.add_argument("--alpha", type=float, default=1.0, help="GNMT length penalty exponent (default 1.0; 0 = off)")
-    p.add_argument("--max-len-ratio", type=float, default=2.0,
+    p.add_argument("--max-len-ratio", type=RATIO, default=2.0,
                    help="longest output as a multiple of the source length, plus 10 (default 2.0)")
-    p.add_argument("--batch-tokens", type=int, default=8000, help="source tokens x beam per decoding batch")
+    p.add_argument("--batch-tokens", type=COUNT, default=8000, help="source tokens x beam per decoding batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", dest="precision", action="store_const", const="int8", default="fp32",
@@ -45,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
     p.add_argument("--input", type=Path, help="input file, one segment per line (default stdin)")
     p.add_argument("--output", type=Path, help="output file (default stdout)")
-    p.add_argument("--n-best", type=int, default=1, help="print the N best outputs per line, tab-separated with scores")
+    p.add_argument("--n-best", type=COUNT, default=1, help="print the N best outputs per line, tab-separated with scores")
     _add_decoding_options(p)
 
     p = sub.add_parser("evaluate", help="translate a test set and score it")
@@ -62,18 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over HTTP: POST /translate, GET /health (API page at /docs)")
     p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
-    p.add_argument("--max-texts", type=int, default=1000, help="most texts one request may hold (default 1000)")
-    p.add_argument("--max-batch-sentences", type=int, default=64,
+    p.add_argument("--port", type=_number(int, 0), default=8000, help="port (default 8000; 0 = any free port, printed)")
+    p.add_argument("--max-texts", type=COUNT, default=1000, help="most texts one request may hold (default 1000)")
+    p.add_argument("--max-batch-sentences", type=COUNT, default=64,
                    help="requests arriving together are decoded as one batch of up to this many texts (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0,
                    help="how long a batch waits for more requests before decoding (default 5 ms)")
     _add_decoding_options(p)
 
     p = sub.add_parser("average", help="average the weights of checkpoints into a new model folder")
     p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint folders to average")
     p.add_argument("--run", type=Path, help="instead: a run folder, averaging its last --last checkpoints")
-    p.add_argument("--last", type=int, default=5, help="how many of the run's last checkpoints (default 5)")
+    p.add_argument("--last", type=COUNT, default=5, help="how many of the run's last checkpoints (default 5)")
     p.add_argument("--out", type=Path, required=True, help="folder for the averaged model")
 
     p = sub.add_parser("export", help="copy a model folder, optionally with smaller (float16 or int8) weights")
@@ -88,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="*", help="words or phrases to pronounce (default: one per line from stdin); "
                                             "numbers are read out, accents folded, hyphenated words split")
     p.add_argument("--model", type=Path, default=G2P_MODEL, help=f"model folder (default {G2P_MODEL})")
-    p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    p.add_argument("--beam", type=COUNT, default=5, help="beam size (default 5)")
     p.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty exponent (default 0 = off)")
 
     p = sub.add_parser("plot", help="draw a run's training curve (--run) or one sentence's attention (--model --text)")
@@ -99,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="learn numbers -> English words from scratch (~3 minutes), then evaluate")
     p.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
-    p.add_argument("--minutes", type=float, default=2.5, help="training time budget (default 2.5)")
+    p.add_argument("--minutes", type=RATIO, default=2.5, help="training time budget (default 2.5)")
     return parser
 
 

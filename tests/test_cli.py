@@ -67,6 +67,23 @@ def test_mismatched_training_files_are_reported(tmp_path, capsys):
     assert "ends after 1 lines" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["translate", "--model", "m", "--beam", "0"], "argument --beam: must be >= 1, got 0"),
+    (["translate", "--model", "m", "--n-best", "-1"], "argument --n-best: must be >= 1, got -1"),
+    (["evaluate", "--model", "m", "--src", "s", "--ref", "r", "--batch-tokens", "many"],
+     "argument --batch-tokens: expected an integer, got 'many'"),
+    (["translate", "--model", "m", "--max-len-ratio", "0"], "argument --max-len-ratio: must be > 0, got 0"),
+    (["serve", "--model", "m", "--max-wait-ms", "-1"], "argument --max-wait-ms: must be >= 0, got -1"),
+    (["g2p", "--beam", "0", "hello"], "argument --beam: must be >= 1, got 0"),
+    (["average", "--run", "r", "--last", "0", "--out", "o"], "argument --last: must be >= 1, got 0"),
+])
+def test_bad_numbers_on_the_command_line_are_refused(capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "char"])
 @pytest.mark.parametrize("src, tgt", [("", ""), ("a\n\n", "\nb\n")])
 def test_training_data_without_text_is_reported(tmp_path, capsys, kind, src, tgt):
