@@ -23,6 +23,18 @@ class InputError(ValueError):
     """An input segment cannot be translated as given (one-line message)."""
 
 
+def check_decoding_options(beam: int, n_best: int, max_len_ratio: float, batch_tokens: int) -> None:
+    """Raise ``ValueError`` naming the first option out of range."""
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    if not 1 <= n_best <= beam:
+        raise ValueError(f"n_best must be between 1 and the beam ({beam}), got {n_best}")
+    if not max_len_ratio > 0:
+        raise ValueError(f"max_len_ratio must be > 0, got {max_len_ratio}")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+
+
 class Translator:
     """A trained :class:`Transformer` with its source and target tokenizers."""
 
@@ -37,6 +49,8 @@ class Translator:
         and, with ``on_unknown="warn"``, are reported once on stderr
         (``"error"`` raises instead, ``"ignore"`` says nothing).
         """
+        if on_unknown not in ("warn", "error", "ignore"):
+            raise ValueError(f"on_unknown must be 'warn', 'error' or 'ignore', got {on_unknown!r}")
         encoded, unknown = self.encode_checked(sentences, find_unknown=on_unknown != "ignore")
         if unknown:
             message = f"unknown symbols mapped to <unk>: {' '.join(sorted(unknown)[:20])}"
@@ -50,9 +64,13 @@ class Translator:
 
         Raises :class:`InputError` naming the first input longer than the model takes.
         """
+        if isinstance(sentences, str):  # iterating it would translate each character
+            raise TypeError("expected a list of texts, got one str; pass [text]")
         limit = self.model.cfg.max_len - 1
         encoded, unknown = [], set()
         for n, sentence in enumerate(sentences, 1):
+            if not isinstance(sentence, str):
+                raise TypeError(f"input {n} is {type(sentence).__name__}, not str")
             if find_unknown:
                 unknown |= self.src_tok.unknown_symbols(sentence)
             ids = self.src_tok.encode(sentence) + [self.model.cfg.eos_id]
@@ -83,6 +101,7 @@ class Translator:
                           max_len_ratio: float = 2.0, max_len_extra: int = 10, n_best: int = 1,
                           batch_tokens: int = 8000) -> list[list[tuple[str, float]]]:
         """:meth:`translate_nbest` for sentences already encoded (by :meth:`encode`)."""
+        check_decoding_options(beam, n_best, max_len_ratio, batch_tokens)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[list[tuple[str, float]]] = [[] for _ in encoded]
         start = 0

@@ -2,6 +2,8 @@
 its measured accuracy on a slice of the standard 0.7b test split. A regression guard, not the
 headline: ``benchmarks/results/g2p.md`` has the full test-set figures."""
 
+import pytest
+
 from encdec import load
 from encdec.cli import G2P_MODEL
 from encdec.metrics import symbol_error_rate, word_error_rate
@@ -48,3 +50,19 @@ def test_translate_takes_any_case_with_the_shipped_model():
     result = run_cli("translate", "--model", G2P_MODEL, stdin="hello\nHELLO\nHello\n")
     assert result.returncode == 0 and "unknown" not in result.stderr, result.stderr
     assert len(set(result.stdout.splitlines())) == 1, result.stdout
+
+
+def test_translate_refuses_bad_arguments_with_a_clear_error():
+    model = load(G2P_MODEL)
+    with pytest.raises(TypeError, match="got one str; pass \\[text\\]"):
+        model.translate("HELLO")  # would otherwise translate H, E, L, L, O
+    with pytest.raises(TypeError, match="input 2 is NoneType, not str"):
+        model.translate(["HELLO", None])
+    for options, message in [({"beam": 0}, "beam must be >= 1, got 0"),
+                             ({"beam": 2, "n_best": 3}, "n_best must be between 1 and the beam \\(2\\), got 3"),
+                             ({"max_len_ratio": 0}, "max_len_ratio must be > 0"),
+                             ({"batch_tokens": 0}, "batch_tokens must be >= 1"),
+                             ({"on_unknown": "shout"}, "on_unknown must be")]:
+        with pytest.raises(ValueError, match=message):
+            model.translate_nbest(["HELLO"], **options)
+    assert model.translate_nbest(["HELLO"], beam=2, n_best=2)[0][0][0] == model.translate(["HELLO"], beam=2)[0]
