@@ -225,13 +225,14 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
     step = _Step(model, src, steps=int(limit.max()))
     batch, device = src.size(0), src.device
     alive = torch.arange(batch, device=device)
-    tokens = torch.full((batch * k, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+    # All beams would start identical: the first step runs one row per sentence, and its k best
+    # continuations become the k beams (the first step costs a k-th; the same results).
+    tokens = torch.full((batch, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, 1, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for t in range(1, int(limit.max()) + 1):
-        n = alive.numel()
-        at_limit = (limit[alive] <= t).repeat_interleave(k)
+        n, beams = scores.shape
+        at_limit = (limit[alive] <= t).repeat_interleave(beams)
         top_scores, top_beam, top_token = best_continuations(step.logits(tokens[:, -1]), scores, 2 * k,
                                                              at_limit, cfg.eos_id)
         is_eos = top_token == cfg.eos_id
@@ -239,13 +240,13 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
         for i, j in (is_eos[:, :k] & top_scores[:, :k].isfinite()).nonzero().tolist():
             sentence = int(alive[i])
             if len(finished[sentence]) < k:
-                row = i * k + int(top_beam[i, j])
+                row = i * beams + int(top_beam[i, j])
                 finished[sentence].append(Hypothesis(tokens[row, 1:].tolist(), float(top_scores[i, j]) / penalty))
         # The best k candidates that do not end go on, for the sentences not yet done.
-        go_scores, go_rank = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
+        go_scores, go_rank = top_scores.masked_fill(is_eos, float("-inf")).topk(min(k, top_scores.size(1)), dim=1)
         order = stay_in_place(top_beam.gather(1, go_rank))
         go_scores, go_rank = go_scores.gather(1, order), go_rank.gather(1, order)
-        rows = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, go_rank)
+        rows = torch.arange(n, device=device)[:, None] * beams + top_beam.gather(1, go_rank)
         next_token = top_token.gather(1, go_rank)
         best_live = go_scores.max(1).values.tolist()
         done = torch.tensor([len(finished[s]) >= k or settled(finished[s], n_best, best_live[i], t, limits[s], alpha)

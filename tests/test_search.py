@@ -89,6 +89,42 @@ def test_early_stop_returns_what_running_to_beam_size_finished_returns(model, mo
         assert early_steps < len(steps), "with no length penalty the best finished hypothesis settles early"
 
 
+def plain_beam_search(model, src_row, k, alpha, limit):
+    """The beam search of ``beam_search``'s docstring, written plainly for one sentence: every
+    step re-runs the whole model on every beam (no cache, no batching, no early stop)."""
+    cfg, beams, finished = model.cfg, [([], 0.0)], []
+    for t in range(1, limit + 1):
+        candidates = []
+        for tokens, score in beams:
+            with torch.no_grad():
+                log_probs = model(src_row, torch.tensor([[cfg.decoder_start_id, *tokens]]))[0, -1]
+            ids = [cfg.eos_id] if t == limit else range(log_probs.numel())  # at the limit only ending
+            candidates += [(score + float(log_probs[v]), tokens, v) for v in ids]
+        top = sorted(candidates, key=lambda c: -c[0])[: 2 * k]
+        for score, tokens, v in top[:k]:
+            if v == cfg.eos_id and len(finished) < k:
+                finished.append((tokens, score / length_penalty(t, alpha)))
+        beams = [(tokens + [v], score) for score, tokens, v in top if v != cfg.eos_id][:k]
+        if len(finished) >= k or not beams:
+            break
+    return sorted(finished, key=lambda h: -h[1])
+
+
+@pytest.mark.parametrize("k, vocab", [(1, 19), (3, 19), (5, 19), (8, 6)])  # 8 beams of 6 words: fewer at first
+def test_beam_search_equals_the_plain_algorithm(k, vocab):
+    model = tiny_model(tgt_vocab_size=vocab)
+    with torch.no_grad():
+        model.output.weight[model.cfg.eos_id] *= 3
+    src = _sources(model.cfg, batch=4)
+    limits = search.max_steps(src, model, 0.5, 3).tolist()
+    results = beam_search(model, src, beam_size=k, alpha=0.6, max_len_ratio=0.5, max_len_extra=3, n_best=k)
+    for i, hyps in enumerate(results):
+        row = src[i : i + 1, : int((src[i] != model.cfg.pad_id).sum())]
+        expected = plain_beam_search(model, row, k, 0.6, limits[i])
+        assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected]
+        assert [h.score for h in hyps] == pytest.approx([score for _, score in expected], abs=1e-5)
+
+
 def test_n_best_larger_than_beam_is_rejected(model):
     with pytest.raises(ValueError, match="n_best"):
         beam_search(model, _sources(model.cfg), beam_size=2, n_best=3)
