@@ -24,6 +24,7 @@ from torch import Tensor
 # want rows: at the base model's vocabulary of 32,000, 65-row chunks (8 MiB) ran the projection
 # and its gradients at ~100 GFLOP/s and 256-262-row chunks at 126-143 on a 2-core AVX2 EPYC (base
 # training +17% tokens/s, same process A/B); at 8,000 words 262 and 1,048 rows were even.
+# `python benchmarks/loss_chunks.py` times every size.
 CHUNK_ELEMENTS = 1 << 23
 
 
