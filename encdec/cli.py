@@ -32,13 +32,13 @@ def _number(kind: type, low: float, inclusive: bool = True):
 
 
 COUNT = _number(int, 1)  # beam sizes, batch sizes, how many
-RATIO = _number(float, 0, inclusive=False)
+POSITIVE = _number(float, 0, inclusive=False)  # ratios, minutes
 
 
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=COUNT, default=5, help="beam size; 1 is greedy search (default 5)")
     p.add_argument("--alpha", type=float, default=1.0, help="GNMT length penalty exponent (default 1.0; 0 = off)")
-    p.add_argument("--max-len-ratio", type=RATIO, default=2.0,
+    p.add_argument("--max-len-ratio", type=POSITIVE, default=2.0,
                    help="longest output as a multiple of the source length, plus 10 (default 2.0)")
     p.add_argument("--batch-tokens", type=COUNT, default=8000, help="source tokens x beam per decoding batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="learn numbers -> English words from scratch (~3 minutes), then evaluate")
     p.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
-    p.add_argument("--minutes", type=RATIO, default=2.5, help="training time budget (default 2.5)")
+    p.add_argument("--minutes", type=POSITIVE, default=2.5, help="training time budget (default 2.5)")
     return parser
 
 
