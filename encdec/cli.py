@@ -35,6 +35,12 @@ COUNT = _number(int, 1)  # beam sizes, batch sizes, how many
 POSITIVE = _number(float, 0, inclusive=False)  # ratios, minutes
 
 
+def _add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="FOLDER",
+                   help="model folder, e.g. runs/NAME/best; several folders (trained with the same tokenizers) "
+                        "decode as an ensemble that averages their probabilities")
+
+
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=COUNT, default=5, help="beam size; 1 is greedy search (default 5)")
     p.add_argument("--alpha", type=float, default=1.0, help="GNMT length penalty exponent (default 1.0; 0 = off)")
@@ -61,14 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
 
     p = sub.add_parser("translate", help="translate lines from stdin (or --input) to stdout (or --output)")
-    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    _add_model_option(p)
     p.add_argument("--input", type=Path, help="input file, one segment per line (default stdin)")
     p.add_argument("--output", type=Path, help="output file (default stdout)")
     p.add_argument("--n-best", type=COUNT, default=1, help="print the N best outputs per line, tab-separated with scores")
     _add_decoding_options(p)
 
     p = sub.add_parser("evaluate", help="translate a test set and score it")
-    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    _add_model_option(p)
     p.add_argument("--src", type=Path, required=True, help="source file, one segment per line")
     p.add_argument("--ref", type=Path, required=True,
                    help="references, one line per source line; several correct answers separated by tabs")
@@ -79,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_decoding_options(p)
 
     p = sub.add_parser("serve", help="serve a model over HTTP: POST /translate, GET /health (API page at /docs)")
-    p.add_argument("--model", type=Path, required=True, help="model folder, e.g. runs/NAME/best")
+    _add_model_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=_number(int, 0), default=8000, help="port (default 8000; 0 = any free port, printed)")
     p.add_argument("--max-texts", type=COUNT, default=1000, help="most texts one request may hold (default 1000)")
@@ -197,7 +203,8 @@ def cmd_serve(args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     translator = load(args.model, args.device, args.precision)
-    app = create_app(translator, name=str(args.model), precision=args.precision, beam=args.beam, alpha=args.alpha,
+    label = " + ".join(map(str, args.model))
+    app = create_app(translator, name=label, precision=args.precision, beam=args.beam, alpha=args.alpha,
                      max_len_ratio=args.max_len_ratio, max_texts=args.max_texts,
                      max_batch_sentences=args.max_batch_sentences, max_wait_ms=args.max_wait_ms,
                      batch_tokens=args.batch_tokens)
@@ -211,7 +218,7 @@ def cmd_serve(args) -> None:
         sock.close()
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
     host, port = sock.getsockname()[:2]
-    print(f"serving {args.model} on http://{host}:{port} (POST /translate, GET /health, API page /docs)", flush=True)
+    print(f"serving {label} on http://{host}:{port} (POST /translate, GET /health, API page /docs)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])
 

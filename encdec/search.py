@@ -1,11 +1,16 @@
 """Decoding: greedy and beam search, batched, on the key/value cache.
 
 Both encode the source once, then extend every hypothesis one token per step with
-:meth:`Transformer.decode` on a :class:`DecoderCache`. Sentences (and beams) that
+:meth:`Transformer.decode_step` on a :class:`DecoderCache`. Sentences (and beams) that
 have finished are dropped from the batch so later steps only pay for live ones.
+
+Either search also takes a list of models trained on the same vocabularies: an ensemble,
+whose next-token distribution is the average of the models' (each model keeps its own cache).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,46 +33,76 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def max_steps(src: Tensor, model: Transformer, max_len_ratio: float, max_len_extra: int) -> Tensor:
+Models = Transformer | Sequence[Transformer]  # one model, or an ensemble
+
+
+def ensemble_members(models: Models) -> list[Transformer]:
+    """``models`` as a list, checked to agree on everything decoding shares: the vocabulary sizes and
+    the pad, end and start ids (their tokenizers must be the same too: the caller's to check)."""
+    members = [models] if isinstance(models, Transformer) else list(models)
+    if not members:
+        raise ValueError("an ensemble needs at least one model")
+    first = members[0].cfg
+    for n, model in enumerate(members[1:], 2):
+        for name in ("src_vocab_size", "tgt_vocab_size", "pad_id", "eos_id", "decoder_start_id"):
+            if getattr(model.cfg, name) != getattr(first, name):
+                raise ValueError(f"ensemble: model {n} has {name}={getattr(model.cfg, name)} but model 1 has "
+                                 f"{getattr(first, name)}; ensemble only models trained on the same vocabularies")
+    return members
+
+
+def max_steps(src: Tensor, models: Models, max_len_ratio: float, max_len_extra: int) -> Tensor:
     """Per sentence, the most target tokens (end token included) to generate: ``(batch,)``.
 
-    ``ratio * source length + extra``, capped by the model's ``max_len``.
+    ``ratio * source length + extra``, capped by the (smallest) model ``max_len``.
     """
-    src_len = (src != model.cfg.pad_id).sum(1)
+    members = ensemble_members(models)
+    src_len = (src != members[0].cfg.pad_id).sum(1)
     steps = (src_len.float() * max_len_ratio).ceil().long() + max_len_extra
-    return steps.clamp(1, model.cfg.max_len - 1)
+    return steps.clamp(1, min(m.cfg.max_len for m in members) - 1)
 
 
 class _Step:
-    """The source mask and cache of the live rows, and one decoding step.
+    """The source mask and caches of the live rows, and one decoding step.
 
     The encoder-decoder keys and values are computed from the encoder output once
     per sentence and kept once per sentence, shared by its ``repeat`` beams (the
     decoder rows ``i * repeat`` to ``(i + 1) * repeat - 1``); the source mask is per
-    sentence too, and the encoder output itself is not read again.
+    sentence too, and the encoder output itself is not read again. An ensemble's
+    models each keep their own cache, reordered together.
     """
 
-    def __init__(self, model: Transformer, src: Tensor, steps: int) -> None:
-        self.model = model
-        self.src_mask = padding_mask(src, model.cfg.pad_id)
-        memory = model.encode(src, self.src_mask)
+    def __init__(self, models: Models, src: Tensor, steps: int) -> None:
+        self.models = ensemble_members(models)
+        self.src_mask = padding_mask(src, self.models[0].cfg.pad_id)
+        self.caches: list[DecoderCache] = []
+        for model in self.models:
+            cache = model.new_cache(capacity=steps)
+            cache.fill_cross_attention(model.decoder, model.encode(src, self.src_mask))
+            self.caches.append(cache)
         if bool(self.src_mask.all()):  # no padding (always at batch 1): attention needs no mask,
             self.src_mask = None  # and without one it does less each step
-        self.cache: DecoderCache = model.new_cache(capacity=steps)
-        self.cache.fill_cross_attention(model.decoder, memory)
 
     def logits(self, last: Tensor) -> Tensor:
-        """Next-token logits ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``."""
-        return self.model.project(self.model.decode_step(last, self.cache, self.src_mask)).float()
+        """Next-token scores ``(rows, tgt_vocab)`` given each row's last token ``(rows,)``: one model's
+        logits; for an ensemble, the log of the models' average probabilities (already normalised)."""
+        scores = [model.project(model.decode_step(last, cache, self.src_mask)).float()
+                  for model, cache in zip(self.models, self.caches)]
+        if len(scores) == 1:
+            return scores[0]
+        log_probs = torch.stack([torch.log_softmax(s, 1, out=s) for s in scores])
+        return torch.logsumexp(log_probs, 0) - math.log(len(scores))
 
     def keep(self, rows: Tensor, sentences: Tensor | None = None) -> None:
-        """Keep (reorder, repeat) hypothesis ``rows``; ``sentences``: the live sentences that
+        """Keep (reorder, repeat) hypothesis rows ``rows``; ``sentences``: the live sentences that
         stay, where some have finished (``None``: all stay, rows only move among their beams)."""
-        self.cache.reorder_self_attention(rows)
+        for cache in self.caches:
+            cache.reorder_self_attention(rows)
         if sentences is not None:
             if self.src_mask is not None:
                 self.src_mask = self.src_mask.index_select(0, sentences)
-            self.cache.reorder_cross_attention(sentences)
+            for cache in self.caches:
+                cache.reorder_cross_attention(sentences)
 
 
 def most_probable(logits: Tensor) -> Tensor:
@@ -177,13 +212,16 @@ def settled(finished: list[Hypothesis], n_best: int, best_live: float, t: int, l
 
 
 @torch.inference_mode()
-def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
+def greedy_search(model: Models, src: Tensor, max_len_ratio: float = 2.0,
                   max_len_extra: int = 10) -> list[list[int]]:
-    """The most probable next token at each step. ``src`` ``(batch, src_len)`` -> token ids per sentence."""
-    cfg = model.cfg
+    """The most probable next token at each step. ``src`` ``(batch, src_len)`` -> token ids per sentence.
+
+    ``model``: one :class:`Transformer` or a list of them (an ensemble, :func:`ensemble_members`).
+    """
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
     steps = int(limit.max())
     step = _Step(model, src, steps=steps)
+    cfg = step.models[0].cfg
     device = src.device
     alive = torch.arange(src.size(0), device=device)  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
@@ -204,7 +242,7 @@ def greedy_search(model: Transformer, src: Tensor, max_len_ratio: float = 2.0,
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: float = 1.0,
+def beam_search(model: Models, src: Tensor, beam_size: int = 5, alpha: float = 1.0,
                 max_len_ratio: float = 2.0, max_len_extra: int = 10, n_best: int = 1) -> list[list[Hypothesis]]:
     """Beam search with GNMT length penalty ``alpha``, batched over sentences and beams.
 
@@ -215,14 +253,16 @@ def beam_search(model: Transformer, src: Tensor, beam_size: int = 5, alpha: floa
     or at its length limit, where every live beam is ended, or as soon as no live beam can
     still reach its ``n_best`` (:func:`settled`: the same results, fewer steps).
 
+    ``model``: one :class:`Transformer` or a list of them (an ensemble, :func:`ensemble_members`).
     Returns, per sentence, the ``n_best`` hypotheses, best first.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
-    cfg, k = model.cfg, beam_size
+    k = beam_size
     limit = max_steps(src, model, max_len_ratio, max_len_extra)
     limits = limit.tolist()  # read per sentence and step: once, not as tensor elements
     step = _Step(model, src, steps=int(limit.max()))
+    cfg = step.models[0].cfg
     batch, device = src.size(0), src.device
     alive = torch.arange(batch, device=device)
     # All beams would start identical: the first step runs one row per sentence, and its k best

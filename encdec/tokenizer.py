@@ -61,8 +61,12 @@ class Tokenizer(ABC):
         """The symbols of ``text`` that :meth:`encode` would map to ``<unk>``."""
 
     @abstractmethod
+    def serialized(self) -> bytes:
+        """The tokenizer as the bytes of its file: equal bytes, equal tokenizers."""
+
     def save(self, path: str | Path) -> None:
         """Write the tokenizer to the single file ``path`` (atomically)."""
+        _atomic_write(path, self.serialized())
 
 
 def _without_specials(ids: Sequence[int]) -> list[int]:
@@ -180,8 +184,8 @@ class SentencePieceTokenizer(Tokenizer):
         candidates = {c for piece, i in zip(pieces, ids) if i == UNK_ID for c in piece}
         return {c for c in candidates if self._sp.piece_to_id(c) == UNK_ID}
 
-    def save(self, path: str | Path) -> None:
-        _atomic_write(path, self._sp.serialized_model_proto())
+    def serialized(self) -> bytes:
+        return self._sp.serialized_model_proto()
 
 
 CASES = {"keep": str, "upper": str.upper, "lower": str.lower}  # case folding of char/symbol tokenizers
@@ -255,11 +259,11 @@ class VocabTokenizer(Tokenizer):
     def unknown_symbols(self, text: str) -> set[str]:
         return {s for s in self.split(self._fold(text)) if s not in self._ids}
 
-    def save(self, path: str | Path) -> None:
+    def serialized(self) -> bytes:
         document = {"kind": self.kind, "symbols": self.symbols}
         if self.case != "keep":
             document["case"] = self.case
-        _atomic_write(path, json.dumps(document, ensure_ascii=False, indent=0).encode("utf-8"))
+        return json.dumps(document, ensure_ascii=False, indent=0).encode("utf-8")
 
 
 class CharTokenizer(VocabTokenizer):

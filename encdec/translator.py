@@ -4,10 +4,12 @@
 >>> model = encdec.load("runs/quickstart/best")
 >>> model.translate(["42"], beam=5)
 ['forty-two']
+>>> ensemble = encdec.load(["runs/a/best", "runs/b/best"])   # same tokenizers: probabilities averaged
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from .checkpoint import load_model_folder
 from .model import Transformer
 from .inference import check_precision, prepare_for_cpu
-from .search import Hypothesis, beam_search, greedy_search
+from .search import Hypothesis, Models, beam_search, ensemble_members, greedy_search
 from .tokenizer import Tokenizer
 
 
@@ -36,11 +38,17 @@ def check_decoding_options(beam: int, n_best: int, max_len_ratio: float, batch_t
 
 
 class Translator:
-    """A trained :class:`Transformer` with its source and target tokenizers."""
+    """A trained :class:`Transformer` (or an ensemble of them) with its source and target tokenizers.
 
-    def __init__(self, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer) -> None:
-        self.model, self.src_tok, self.tgt_tok = model.eval(), src_tok, tgt_tok
-        self.device = next(model.parameters()).device
+    ``model`` is one model or a list of models that share the tokenizers: an ensemble, decoded
+    with the average of their next-token probabilities. :attr:`model` is the first of them
+    (its config gives the limits and special ids, which the ensemble shares).
+    """
+
+    def __init__(self, model: Models, src_tok: Tokenizer, tgt_tok: Tokenizer) -> None:
+        self.models = [m.eval() for m in ensemble_members(model)]
+        self.model, self.src_tok, self.tgt_tok = self.models[0], src_tok, tgt_tok
+        self.device = next(self.model.parameters()).device
 
     def encode(self, sentences: list[str], on_unknown: str = "warn") -> list[list[int]]:
         """Source ids per sentence, end token included.
@@ -126,12 +134,14 @@ class Translator:
             src[row, : len(seq)] = torch.tensor(seq)
         src = src.to(self.device)
         if beam == 1:
-            return [[Hypothesis(tokens, 0.0)] for tokens in greedy_search(self.model, src, max_len_ratio, max_len_extra)]
-        return beam_search(self.model, src, beam, alpha, max_len_ratio, max_len_extra, n_best)
+            return [[Hypothesis(tokens, 0.0)] for tokens in greedy_search(self.models, src, max_len_ratio,
+                                                                          max_len_extra)]
+        return beam_search(self.models, src, beam, alpha, max_len_ratio, max_len_extra, n_best)
 
 
-def load(folder: str | Path, device: str = "cpu", precision: str = "fp32") -> Translator:
-    """Load a model folder (``runs/NAME/best``, a checkpoint, or an averaged model) for translation.
+def load(folder: str | Path | Sequence[str | Path], device: str = "cpu", precision: str = "fp32") -> Translator:
+    """Load a model folder (``runs/NAME/best``, a checkpoint, or an averaged model) for translation,
+    or a list of folders: an ensemble of models trained with the same tokenizers.
 
     On the CPU the model is prepared for fast decoding (:func:`prepare_for_cpu`):
     pre-packed float32 weights; ``precision="bf16"``, packed bf16 weights (fast on CPUs
@@ -139,9 +149,21 @@ def load(folder: str | Path, device: str = "cpu", precision: str = "fp32") -> Tr
     two may change outputs slightly.
     """
     check_precision(precision)  # before the (slow) load
-    model, src_tok, tgt_tok, _ = load_model_folder(folder)
-    if torch.device(device).type == "cpu":
-        model = prepare_for_cpu(model, precision, inplace=True)  # the loaded float model is not kept
-    elif precision != "fp32":
+    if torch.device(device).type != "cpu" and precision != "fp32":
         raise ValueError(f"{precision} decoding runs on the CPU only; drop --{precision} or use --device cpu")
-    return Translator(model.to(device), src_tok, tgt_tok)
+    folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
+    if not folders:
+        raise ValueError("no model folder given")
+    models, tokenizers = [], None
+    for path in folders:
+        model, src_tok, tgt_tok, _ = load_model_folder(path)
+        if tokenizers is None:
+            tokenizers = (src_tok, tgt_tok)
+        elif (src_tok.serialized(), tgt_tok.serialized()) != tuple(t.serialized() for t in tokenizers):
+            raise ValueError(f"{path}: its tokenizers differ from those of {folders[0]}; an ensemble needs models "
+                             "trained with the same tokenizers (copy src.tokenizer and tgt.tokenizer into each "
+                             "run folder before training)")
+        if torch.device(device).type == "cpu":
+            model = prepare_for_cpu(model, precision, inplace=True)  # the loaded float model is not kept
+        models.append(model.to(device))
+    return Translator(models if len(models) > 1 else models[0], *tokenizers)

@@ -148,6 +148,28 @@ def test_missing_and_corrupt_models_give_one_line(trained, tmp_path):
     assert_one_line_error(mismatch, "must align")
 
 
+def test_ensembles_of_model_folders(trained, tmp_path):
+    import json
+
+    from encdec import load
+
+    best, first = trained / "run" / "best", sorted((trained / "run" / "checkpoints").glob("step-*[0-9]"))[0]
+    texts = ["abc", "defg", "ab"]
+    assert load([best, best]).translate(texts, beam=2) == load(best).translate(texts, beam=2)
+    result = run_cli("translate", "--model", best, first, "--beam", "2", stdin="abc\ndef\n")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr
+    assert result.stdout.splitlines() == load([best, first]).translate(["abc", "def"], beam=2)
+    other = tmp_path / "other"  # the same model with two target symbols swapped: another tokenizer
+    other.mkdir()
+    for f in best.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    document = json.loads((other / "tgt.tokenizer").read_text(encoding="utf-8"))
+    document["symbols"][4], document["symbols"][5] = document["symbols"][5], document["symbols"][4]
+    (other / "tgt.tokenizer").write_text(json.dumps(document), encoding="utf-8")
+    assert_one_line_error(run_cli("translate", "--model", best, other, stdin="abc\n"),
+                          "its tokenizers differ from those of")
+
+
 def test_plots_of_training_and_attention(trained):
     curve, attention = trained / "curve.png", trained / "attention.png"
     result = run_cli("plot", "--run", trained / "run", "--out", curve)

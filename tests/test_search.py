@@ -6,7 +6,9 @@ import encdec.search as search
 from encdec.search import (beam_search, best_continuations, greedy_search, length_penalty, most_probable,
                            stay_in_place, top_k_rows)
 
-from conftest import tiny_model
+from encdec import build_model
+
+from conftest import tiny_config, tiny_model
 
 
 def _sources(cfg, batch=6, seed=0):
@@ -202,3 +204,84 @@ def test_stay_in_place_keeps_each_parent_s_best_survivor_in_its_slot():
                 assert slots[b] == ps.index(b)
             others = [j for j in slots if ps.index(ps[j]) != j]
             assert others == sorted(others)
+
+
+# Ensembles: several models decoded together with their next-token probabilities averaged.
+
+def _ensemble_log_probs(models, src_row, prefix):
+    """The ensemble's next-token log-probabilities after ``prefix``, with full (uncached) forward passes:
+    log of the mean of the models' probabilities, ``(tgt_vocab,)``."""
+    cfg = models[0].cfg
+    tgt_in = torch.tensor([[cfg.decoder_start_id] + prefix])
+    with torch.no_grad():
+        probs = torch.stack([m(src_row, tgt_in)[0, -1].exp() for m in models])
+    return probs.mean(0).log()
+
+
+def _ensemble(n=2):
+    models = [tiny_model()]
+    for seed in range(1, n):
+        m = build_model(tiny_config(), seed=seed).eval()
+        models.append(m)
+    with torch.no_grad():
+        for m in models:
+            m.output.weight[m.cfg.eos_id] *= 3  # outputs of varied lengths
+    return models
+
+
+def test_an_ensemble_of_one_model_is_that_model(model):
+    src = _sources(model.cfg)
+    assert greedy_search([model], src) == greedy_search(model, src)
+    alone, ensemble = beam_search(model, src, beam_size=4, n_best=2), beam_search([model], src, beam_size=4, n_best=2)
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in alone] == \
+           [[(h.tokens, h.score) for h in hyps] for hyps in ensemble]
+
+
+def test_an_ensemble_of_copies_decodes_as_one_model(model):
+    src = _sources(model.cfg)
+    assert greedy_search([model, model, model], src) == greedy_search(model, src)
+    alone, ensemble = beam_search(model, src, beam_size=4, n_best=3), beam_search([model, model], src, 4, n_best=3)
+    for a, e in zip(alone, ensemble):
+        assert [h.tokens for h in a] == [h.tokens for h in e]
+        assert [h.score for h in a] == pytest.approx([h.score for h in e], abs=1e-5)
+
+
+def test_ensemble_greedy_follows_the_averaged_probabilities_step_by_step():
+    models = _ensemble(3)
+    src = _sources(models[0].cfg)
+    outputs = greedy_search(models, src)
+    assert outputs != greedy_search(models[0], src), "the other models must change some outputs"
+    for i, out in enumerate(outputs):
+        row = src[i : i + 1, : int((src[i] != models[0].cfg.pad_id).sum())]
+        prefix = []
+        while True:  # the written-out ensemble: every step re-run from scratch, no cache, no batch
+            token = int(_ensemble_log_probs(models, row, prefix).argmax())
+            if token == models[0].cfg.eos_id or len(prefix) + 1 >= int(search.max_steps(row, models, 2.0, 10)[0]):
+                break
+            prefix.append(token)
+        assert out == prefix
+
+
+def test_ensemble_beam_search_scores_are_the_ensembles_log_probabilities():
+    models = _ensemble(2)
+    src = _sources(models[0].cfg, batch=4)
+    alpha = 0.6
+    batched = beam_search(models, src, beam_size=4, alpha=alpha, n_best=3)
+    assert [h[0].tokens for h in beam_search(models, src, beam_size=1, alpha=0.0)] == greedy_search(models, src)
+    for i, hyps in enumerate(batched):
+        row = src[i : i + 1, : int((src[i] != models[0].cfg.pad_id).sum())]
+        alone = beam_search(models, row, beam_size=4, alpha=alpha, n_best=3)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps]
+        for h in hyps:
+            total = sum(float(_ensemble_log_probs(models, row, h.tokens[:t])[token])
+                        for t, token in enumerate(h.tokens + [models[0].cfg.eos_id]))
+            assert h.score == pytest.approx(total / length_penalty(len(h.tokens) + 1, alpha), abs=1e-4)
+
+
+def test_ensemble_members_must_share_the_vocabularies(model):
+    other = build_model(tiny_config(tgt_vocab_size=20), seed=1).eval()
+    src = _sources(model.cfg)
+    with pytest.raises(ValueError, match="model 2 has tgt_vocab_size=20 but model 1 has 19"):
+        greedy_search([model, other], src)
+    with pytest.raises(ValueError, match="at least one model"):
+        beam_search([], src)

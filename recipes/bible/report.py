@@ -1,6 +1,9 @@
 """Score a trained Bible style-transfer model on the paper's test books; write benchmarks/results/bible-SRC-TGT.md.
 
     python recipes/bible/report.py --src ylt --tgt bbe --data data/bible/ylt-bbe --run runs/bible-ylt-bbe
+
+Several ``--run`` folders (trained with the same tokenizers) are scored as an ensemble, each member
+chosen on dev first, and each member alone is reported beside it.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--src", required=True, help="as prepare.py's: the source, then any extra training sources after +")
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=Path, nargs="+", required=True, help="run folder; several: an ensemble")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--alpha", type=float, help="length penalty (default: the best on dev of " + ", ".join(f"{a:g}" for a in ALPHAS) + ")")
     parser.add_argument("--out", type=Path)
@@ -46,23 +49,35 @@ def main() -> None:
     args = parser.parse_args()
     name = args.name or f"{args.src}-{args.tgt}"
     out = args.out or Path("benchmarks/results") / f"bible-{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     sources = (args.data / "test.src").read_text(encoding="utf-8").splitlines()
     refs = (args.data / "test.tgt").read_text(encoding="utf-8").splitlines()
     dev_sources = (args.data / "dev.src").read_text(encoding="utf-8").splitlines()
     dev_refs = (args.data / "dev.tgt").read_text(encoding="utf-8").splitlines()
-    model_dir, selection = select_on_dev(
-        args.run, lambda folder: bleu(translate(folder, dev_sources, beam=1)[0], dev_refs), higher_is_better=True)
+    members, selections = [], []
+    for k, run in enumerate(args.run, 1):
+        folder, selection = select_on_dev(
+            run, lambda folder: bleu(translate(folder, dev_sources, beam=1)[0], dev_refs), higher_is_better=True)
+        members.append(folder)
+        selections.append(selection if len(args.run) == 1 else selection.replace("- Model,", f"- Model {k},", 1))
+    model = members[0] if len(members) == 1 else members
     if args.alpha is None:  # dev BLEU as the table reports it (tokenize none)
-        alpha, alpha_line = select_alpha(lambda a: bleu(translate(model_dir, dev_sources, beam=args.beam, alpha=a)[0],
+        alpha, alpha_line = select_alpha(lambda a: bleu(translate(model, dev_sources, beam=args.beam, alpha=a)[0],
                                                         dev_refs, tokenize="none"), alphas=ALPHAS)
     else:
         alpha, alpha_line = args.alpha, f"- Length penalty: alpha {args.alpha:g} (`--alpha`)."
     rows, timings = [("copy the source", [untag(line) for line in sources])], []
+    system = (f"**encdec Transformer, beam {args.beam}**" if len(members) == 1 else
+              f"**encdec, ensemble of {len(members)} Transformers, beam {args.beam}**")
     for precision in decoding_precisions():
-        outputs, seconds = translate(model_dir, sources, precision, beam=args.beam, alpha=alpha)
-        rows.append((row_name(precision, f"**encdec Transformer, beam {args.beam}**"), outputs))
+        outputs, seconds = translate(model, sources, precision, beam=args.beam, alpha=alpha)
+        rows.append((row_name(precision, system), outputs))
         timings.append(f"{seconds:.0f} s in {precision}")
+    if len(members) > 1:
+        for k, (run, folder) in enumerate(zip(args.run, members), 1):
+            rows.append((f"model {k} of the ensemble alone (`{run.name}/{folder.name}`), beam {args.beam}",
+                         translate(folder, sources, beam=args.beam, alpha=alpha)[0]))
     table = [f"| {name} | {bleu(h, refs, tokenize='none'):.2f} | {bleu(h, refs):.2f} | {chrf(h, refs):.2f} |"
              for name, h in rows]
     source, extra_sources = parse_sources(args.src)
@@ -70,13 +85,25 @@ def main() -> None:
     if moses is not None:
         table[:0] = [f"| Moses (Carlson et al. 2018) | {moses:.2f} | | |",
                      f"| Seq2Seq (Carlson et al. 2018) | {seq2seq:.2f} | | |"]
-    log = read_log(args.run)
-    config = yaml.safe_load((args.run / "config.yaml").read_text(encoding="utf-8"))
-    best = max(log, key=lambda r: r["bleu"])
-    params = load_model_folder(model_dir)[0].num_parameters()
-    weights = model_dir / "model.safetensors"
+    config = yaml.safe_load((args.run[0] / "config.yaml").read_text(encoding="utf-8"))
+    dev_lines, summaries, curves = [], [], []
+    for k, run in enumerate(args.run, 1):
+        best = max(read_log(run), key=lambda r: r["bleu"])
+        which = "" if len(args.run) == 1 else f"model {k}: "
+        dev_lines.append(f"- Dev ({config['data']['dev'][0].rsplit('/', 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): "
+                         f"{which}greedy BLEU (13a) {best['bleu']:.2f} at step {best['step']} in training, the model "
+                         "kept as `best/`.")
+        summaries.append(training_summary(run, args.wall_seconds if k == 1 else None).replace(
+            "- Training:", f"- Training{' of model ' + str(k) if which else ''}:", 1))
+        suffix = "" if len(args.run) == 1 else f"-{k}"
+        curves.append(plot_training(run, out.with_name(f"bible-{name}-training{suffix}.png"), metric="bleu").name)
+    if len(args.run) > 1:
+        summaries.append(f"- The {len(args.run)} models trained side by side, at the same time; the wall time in "
+                         "model 1's line is that of the whole invocation.")
+    params = load_model_folder(members[0])[0].num_parameters()
+    weights = members[0] / "model.safetensors"
+    size = "" if len(members) == 1 else f"{len(members)} models of "
     extra = f" {args.extra}" if args.extra else ""
-    curve = plot_training(args.run, out.with_name(f"bible-{name}-training.png"), metric="bleu")
     also = f", training also on {', '.join(extra_sources).upper()} -> {args.tgt.upper()}" if extra_sources else ""
     if sources and untag(sources[0]) != sources[0]:
         also += ", sources tagged with their edition"
@@ -86,17 +113,16 @@ def main() -> None:
 |---|---|---|---|
 {chr(10).join(table)}
 
-- Dev ({config["data"]["dev"][0].rsplit("/", 2)[-2]}: 1 Kings, Zephaniah, Mark, Colossians): greedy BLEU (13a) {best["bleu"]:.2f} at step {best["step"]} in training, the model kept as `best/`.
-{selection}
+{chr(10).join(dev_lines)}
+{chr(10).join(selections)}
 {alpha_line}
-{training_summary(args.run, args.wall_seconds)}
-- Model: {params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
+{chr(10).join(summaries)}
+- Model: {size}{params / 1e6:.2f} M parameters, {weights.stat().st_size / 2**20:.1f} MiB of weights.
 - Decoding the test set: {', '.join(timings)} (beam {args.beam}, {torch.get_num_threads()} thread(s)).
-- Training curve: `{curve.name}`.
+- Training curve{'s' if len(curves) > 1 else ''}: {', '.join(f'`{c}`' for c in curves)}.
 
 Reproduce: `bash recipes/bible/run.sh {args.src} {args.tgt}{args.run_flags}{extra}`.
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(text)
 
