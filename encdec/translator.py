@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model_folder
-from .model import Transformer
 from .inference import check_precision, prepare_for_cpu
 from .search import Hypothesis, Models, beam_search, ensemble_members, greedy_search
 from .tokenizer import Tokenizer
