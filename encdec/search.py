@@ -72,8 +72,9 @@ class _Step:
     models each keep their own cache, reordered together.
     """
 
-    def __init__(self, models: Models, src: Tensor, steps: int) -> None:
-        self.models = ensemble_members(models)
+    def __init__(self, models: list[Transformer], src: Tensor, steps: int) -> None:
+        """``models``: the :func:`ensemble_members` (one or more)."""
+        self.models = models
         self.src_mask = padding_mask(src, self.models[0].cfg.pad_id)
         self.caches: list[DecoderCache] = []
         for model in self.models:
@@ -218,10 +219,11 @@ def greedy_search(model: Models, src: Tensor, max_len_ratio: float = 2.0,
 
     ``model``: one :class:`Transformer` or a list of them (an ensemble, :func:`ensemble_members`).
     """
-    limit = max_steps(src, model, max_len_ratio, max_len_extra)
+    models = ensemble_members(model)
+    cfg = models[0].cfg
+    limit = max_steps(src, models, max_len_ratio, max_len_extra)
     steps = int(limit.max())
-    step = _Step(model, src, steps=steps)
-    cfg = step.models[0].cfg
+    step = _Step(models, src, steps=steps)
     device = src.device
     alive = torch.arange(src.size(0), device=device)  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
@@ -258,11 +260,11 @@ def beam_search(model: Models, src: Tensor, beam_size: int = 5, alpha: float = 1
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
-    k = beam_size
-    limit = max_steps(src, model, max_len_ratio, max_len_extra)
+    models = ensemble_members(model)
+    cfg, k = models[0].cfg, beam_size
+    limit = max_steps(src, models, max_len_ratio, max_len_extra)
     limits = limit.tolist()  # read per sentence and step: once, not as tensor elements
-    step = _Step(model, src, steps=int(limit.max()))
-    cfg = step.models[0].cfg
+    step = _Step(models, src, steps=int(limit.max()))
     batch, device = src.size(0), src.device
     alive = torch.arange(batch, device=device)
     # All beams would start identical: the first step runs one row per sentence, and its k best

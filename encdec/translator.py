@@ -153,16 +153,17 @@ def load(folder: str | Path | Sequence[str | Path], device: str = "cpu", precisi
     folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
     if not folders:
         raise ValueError("no model folder given")
-    models, tokenizers = [], None
+    models, tokenizers, reference = [], None, None
     for path in folders:
         model, src_tok, tgt_tok, _ = load_model_folder(path)
+        serialized = (src_tok.serialized(), tgt_tok.serialized())
         if tokenizers is None:
-            tokenizers = (src_tok, tgt_tok)
-        elif (src_tok.serialized(), tgt_tok.serialized()) != tuple(t.serialized() for t in tokenizers):
+            tokenizers, reference = (src_tok, tgt_tok), serialized
+        elif serialized != reference:
             raise ValueError(f"{path}: its tokenizers differ from those of {folders[0]}; an ensemble needs models "
                              "trained with the same tokenizers (copy src.tokenizer and tgt.tokenizer into each "
                              "run folder before training)")
         if torch.device(device).type == "cpu":
             model = prepare_for_cpu(model, precision, inplace=True)  # the loaded float model is not kept
         models.append(model.to(device))
-    return Translator(models if len(models) > 1 else models[0], *tokenizers)
+    return Translator(models, *tokenizers)
