@@ -36,15 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from encdec import ModelConfig, build_model  # noqa: E402
 from encdec.attention import padding_mask  # noqa: E402
 from encdec.inference import prepare_for_cpu  # noqa: E402
 from encdec.model import Transformer  # noqa: E402
 from encdec.search import most_probable  # noqa: E402
-
-SMALL = dict(d_model=256, heads=4, ff=1024, encoder_layers=3, decoder_layers=3)
-VOCAB = 8000
+from workload import CONFIGS  # noqa: E402  (the small model speed.py measures)
 
 
 def static_step(model: Transformer, last: Tensor, position: Tensor, self_k: Tensor, self_v: Tensor,
@@ -127,7 +126,9 @@ def main() -> None:
     inductor.freezing = True  # weights are constants: inductor packs them for oneDNN once
     inductor.cpp_wrapper = True  # the kernels are called from C++, not from Python
 
-    cfg = ModelConfig(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, max_len=256, dropout=0.0, **SMALL)
+    c = CONFIGS["small"]
+    cfg = ModelConfig(src_vocab_size=c["vocab"], tgt_vocab_size=c["vocab"], max_len=256, dropout=0.0, d_model=c["d"],
+                      heads=c["heads"], ff=c["ff"], encoder_layers=c["layers"], decoder_layers=c["layers"])
     model = build_model(cfg, seed=0).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -137,7 +138,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     lines = []
     for rows in args.rows:
-        src = torch.randint(4, VOCAB, (rows, 30), generator=generator)
+        src = torch.randint(4, c["vocab"], (rows, 30), generator=generator)
         with torch.no_grad():
             reference, _ = eager_greedy(packed, src, args.steps)
             compiled = torch.compile(static_step, fullgraph=True, dynamic=False)
