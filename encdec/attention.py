@@ -115,12 +115,16 @@ class KVCache:
             moved = (index != torch.arange(rows, device=index.device)).nonzero().squeeze(1)
             if 2 * moved.numel() <= rows:
                 if moved.numel():
-                    # Indexing, not index_select + index_copy_: that pair measured ~2x slower
-                    # (2 threads, 60 of 160 rows x 25 positions: 290 against 560 us), its threads
-                    # splitting the rows differently and passing cache lines between cores.
-                    source = index[moved]
-                    filled_k[:, moved] = filled_k[:, source]
-                    filled_v[:, moved] = filled_v[:, source]
+                    # Each position's row is one contiguous (heads * head_dim) slice: seen as rows
+                    # of a 2-D buffer, the moved slices are gathered and written back by dimension-0
+                    # index_select / index_copy_, which copy whole slices (in-place indexing copied
+                    # them element by element: 2 threads, 65 of 160 rows x 20 positions x 3 layers'
+                    # keys and values, 513 against 894 us).
+                    positions = torch.arange(self.length, device=index.device)[:, None] * rows
+                    to, source = (positions + moved).view(-1), (positions + index[moved]).view(-1)
+                    for filled in (filled_k, filled_v):
+                        slices = filled.view(self.length * rows, -1)
+                        slices.index_copy_(0, to, slices.index_select(0, source))
                 return
         # Preallocated: copy only the filled positions, into a second buffer that then swaps with
         # the first, so beam search's per-step reordering allocates nothing. The buffers are kept
