@@ -183,16 +183,24 @@ def stay_in_place(parent: Tensor) -> Tensor:
     survivor continuing beam ``b`` gets slot ``b``; the others fill the free slots in rank order.
     The slots' order means nothing to the search, but a survivor in its parent's slot needs no
     copy of its cached keys and values (:meth:`KVCache.reorder`).
+
+    Written in Python over the ids: the same thing as tensor ops took ~15 small ops, 35-40 us a
+    call at any size (and ~75 us inside a beam-5 batch-1 search), against 5 us here for one
+    sentence and 58 for 32.
     """
-    n, k = parent.shape
-    continues = torch.nn.functional.one_hot(parent, k).bool()  # (n, survivor, slot)
-    first = continues & (continues.cumsum(1) == 1)  # the best survivor continuing each parent
-    claims_slot, taken = first.any(2), first.any(1)  # (n, survivor), (n, slot)
-    slots = torch.arange(k, device=parent.device).expand(n, k)
-    free = torch.where(taken, slots + k, slots).sort(1).values  # free slots first, in order
-    rank = ((~claims_slot).cumsum(1) - 1).clamp(min=0)  # each other survivor's rank among the others
-    slot = torch.where(claims_slot, parent, free.gather(1, rank))
-    return slot.argsort(1)
+    orders = []
+    for parents in parent.tolist():
+        k = len(parents)
+        slot, taken = [-1] * k, [False] * k
+        for survivor, p in enumerate(parents):
+            if not taken[p]:  # the best survivor continuing beam p
+                taken[p], slot[survivor] = True, p
+        free = iter([b for b in range(k) if not taken[b]])
+        order = [0] * k
+        for survivor in range(k):
+            order[slot[survivor] if slot[survivor] >= 0 else next(free)] = survivor
+        orders.append(order)
+    return torch.tensor(orders, dtype=torch.long, device=parent.device).view(parent.shape)
 
 
 def settled(finished: list[Hypothesis], n_best: int, best_live: float, t: int, limit: int, alpha: float) -> bool:
