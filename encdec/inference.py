@@ -103,7 +103,8 @@ class PackedLinear(nn.Module):
     -> 330-411 tokens/s, base 72 -> 93-95). From two rows up the packed product is as fast or
     faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8). For
     matrices of at most :data:`SMALL_MATRIX` weights the blocks also skip oneDNN's fixed cost per
-    call, so up to :data:`FEW_ROWS` rows take them (5 rows, alone: 256 x 256 21 against 59 us,
+    call, so up to :data:`FEW_ROWS` rows take them where that cost is high (CPUs without AVX512,
+    :func:`packed_few_rows_are_fast`) (5 rows, alone: 256 x 256 21 against 59 us,
     512 x 512 59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208
     tokens/s); at 32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a
     batch-32 decoding and at 160 to nothing. The blocks double the float32 weights' memory.
@@ -123,12 +124,12 @@ class PackedLinear(nn.Module):
         # (out_features, in_features), in oneDNN's blocked layout where packed.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
         self.blocks = self.block_bias = None  # few rows': (threads, in, width), (threads, 1, width)
+        block_rows = FEW_ROWS if weight.numel() <= SMALL_MATRIX and not packed_few_rows_are_fast() else 1
         if self.packed and dtype == torch.float32:
             self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
         self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
         # The most input elements the blocks take: one row, or a few for a small matrix.
-        self._block_elements = 0 if self.blocks is None else self.in_features * (
-            FEW_ROWS if weight.numel() <= SMALL_MATRIX else 1)
+        self._block_elements = 0 if self.blocks is None else self.in_features * block_rows
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
@@ -152,9 +153,23 @@ class PackedLinear(nn.Module):
 
 
 # Float32 matrices of at most SMALL_MATRIX weights (512 x 1024) take the column blocks for up to
-# FEW_ROWS rows (beam 5 at batch 1): there they skip oneDNN's fixed cost per call (see PackedLinear).
+# FEW_ROWS rows (beam 5 at batch 1) where oneDNN's packed product is slow for few rows (CPUs
+# without AVX512): there they skip its fixed cost per call (see PackedLinear).
 SMALL_MATRIX = 2 ** 19
 FEW_ROWS = 8
+
+
+@functools.cache
+def packed_few_rows_are_fast() -> bool:
+    """Whether oneDNN's packed float32 product is fast for a few rows on this CPU: with AVX512.
+
+    2 threads, 5 rows alone, on a 2-core AMD EPYC with AVX512: 256 x 768 21 us packed against 32 in
+    column blocks, 256 x 1024 23 against 48, 1024 x 256 23 against 39 (256 x 256 about even), and
+    beam-5 batch-1 decoding took 10-11 % more tokens/s with the packed product for every row count
+    above one (in-process A/B: small model 540 -> 592 tokens/s, base 134 -> 150); on a 2-core EPYC
+    with AVX2 only, the packed product took 59 us for 256 x 256 against the blocks' 21.
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def int8_onednn_available() -> bool:

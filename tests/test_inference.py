@@ -43,10 +43,14 @@ def test_packed_float32_model_gives_the_same_results():
 @pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (1, 1), (3, 11), (32,), (0,)])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("size, block_rows", [((24, 41), inference.FEW_ROWS), ((1024, 601), 1)])
-def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size, block_rows, monkeypatch):
-    """Few rows take the column blocks (padded where the threads do not divide the outputs), one
-    row for a large matrix, more rows the packed product: each gives Linear's result."""
+@pytest.mark.parametrize("avx512", [False, True])
+def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size, block_rows, avx512, monkeypatch):
+    """Few rows take the column blocks (padded where the threads do not divide the outputs) where
+    the packed product is slow for them (no AVX512), one row for a large matrix or with AVX512,
+    more rows the packed product: each gives Linear's result."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(inference, "packed_few_rows_are_fast", lambda: avx512)
+    block_rows = 1 if avx512 else block_rows
     linear = nn.Linear(*size)
     packed = PackedLinear(linear)
     assert packed.blocks.shape == (threads, size[0], -(-size[1] // threads))
