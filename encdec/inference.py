@@ -103,11 +103,11 @@ class PackedLinear(nn.Module):
     -> 330-411 tokens/s, base 72 -> 93-95). From two rows up the packed product is as fast or
     faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8). For
     matrices of at most :data:`SMALL_MATRIX` weights the blocks also skip oneDNN's fixed cost per
-    call, so up to :data:`FEW_ROWS` rows take them where that cost is high (CPUs without AVX512,
-    :func:`packed_few_rows_are_fast`) (5 rows, alone: 256 x 256 21 against 59 us,
-    512 x 512 59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208
-    tokens/s); at 32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a
-    batch-32 decoding and at 160 to nothing. The blocks double the float32 weights' memory.
+    call, so up to :data:`FEW_ROWS` rows take them where that cost is high, on CPUs without AVX512
+    (:func:`packed_few_rows_are_fast`; there, 5 rows alone: 256 x 256 21 against 59 us, 512 x 512
+    59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208 tokens/s); at
+    32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a batch-32 decoding
+    and at 160 to nothing. The blocks double the float32 weights' memory.
     (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector kernel,
     was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
