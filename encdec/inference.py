@@ -299,7 +299,8 @@ def reuse_freed_memory() -> bool:
         return False
     if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS): its mallopt means other things
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool = False) -> Transformer:
