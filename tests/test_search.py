@@ -4,7 +4,7 @@ import torch
 
 import encdec.search as search
 from encdec.search import (beam_search, best_continuations, greedy_search, length_penalty, most_probable,
-                           stay_in_place, top_k_rows)
+                           stay_in_place)
 
 from encdec import build_model
 
@@ -147,22 +147,37 @@ def test_most_probable_equals_torch_argmax_with_ties_and_infinities():
     assert torch.equal(most_probable(strided), strided.argmax(-1))
 
 
-@pytest.mark.parametrize("rows,n,k", [(160, 8000, 10), (40, 32003, 6), (17, 8191, 1), (3, 100, 10)])
-def test_top_k_rows_equals_topk(rows, n, k):
-    """The pre-selected top k has topk's values, best first, at indices that hold them; with a
-    remainder past the last full column, a best element in it, ties, -inf rows, and below the
-    size where the plain topk runs."""
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, n, generator=g)
-    x[0, -1] = 100.0  # in the n % depth left over (where there are any)
-    x[1] = x[1].round()  # ties
-    x[2, : n // 2] = float("-inf")
-    x[rows - 1, 5:] = float("-inf")  # fewer finite values than k at most once
-    want = x.topk(k, dim=1)
-    values, index = top_k_rows(x, k)
-    assert torch.equal(values, want.values)
-    assert torch.equal(x.gather(1, index), values)
-    assert all(len(set(row)) == k for row in index.tolist())  # k distinct elements per row
+@pytest.mark.parametrize("sentences,beams,vocab,m", [(32, 5, 8000, 10), (6, 5, 32003, 10), (1, 5, 30000, 10),
+                                                       (40, 1, 8191, 2), (3, 4, 100, 8)])
+def test_best_continuations_block_ranking_equals_ranking_all(sentences, beams, vocab, m):
+    """At decoding sizes (where blocks of tokens are ranked first) the same scores as ranking all
+    beams x vocab continuations, best first, at (beam, token) pairs that hold them: with a best
+    token past the last whole block, ties across beams, a beam whose tokens are mostly -inf, -inf
+    (unused) beams and a beam at the length limit; and below the size where all are ranked."""
+    g = torch.Generator().manual_seed(vocab)
+    rows, eos = sentences * beams, 2
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[0, -1] = 100.0  # in the vocab % 32 tokens past the blocks (where there are any)
+    logits[rows - 1, 5:] = float("-inf")
+    scores = -torch.rand(sentences, beams, generator=g) * 5
+    if beams > 1:
+        logits[1] = logits[0] = logits[0].round()  # ties within a beam and across two beams
+        scores[0, 1] = scores[0, 0]
+        scores[-1, 1:] = float("-inf")
+    at_limit = torch.zeros(rows, dtype=torch.bool)
+    at_limit[beams * (sentences // 2): beams * (sentences // 2) + 1] = True
+    log_probs = logits.log_softmax(1)
+    forced = torch.full_like(log_probs, float("-inf"))
+    forced[:, eos] = log_probs[:, eos]
+    total = (torch.where(at_limit[:, None], forced, log_probs) + scores.view(-1, 1)).view(sentences, beams, vocab)
+    want = total.view(sentences, -1).topk(min(m, beams * vocab), dim=1).values
+    got_scores, got_beam, got_token = best_continuations(logits.clone(), scores, m, at_limit, eos)
+    assert torch.equal(got_scores, want)
+    finite = got_scores.isfinite()
+    sentence = torch.arange(sentences)[:, None].expand_as(got_beam)
+    assert torch.equal(total[sentence, got_beam, got_token][finite], got_scores[finite])
+    pairs = (got_beam * vocab + got_token).tolist()
+    assert all(len(set(row)) == len(row) for row in pairs)  # m distinct continuations per sentence
 
 
 @pytest.mark.parametrize("m", [2, 6, 40])
