@@ -179,11 +179,13 @@ def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dro
     ``out`` ``(batch, heads, q_len, d_k)``, ``weights`` ``(batch, heads, q_len, k_len)``
     (before dropout).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    # Scaled in place (autograd keeps q and k, not the product), masked in one call: a decoding
+    # step makes this call 2 x layers times, where each op costs microseconds whatever its size.
+    scores = torch.matmul(q, k.transpose(-2, -1)).div_(math.sqrt(q.size(-1)))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.where(mask, scores, float("-inf"))
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout, training=dropout > 0) @ v, weights
+    return torch.matmul(F.dropout(weights, dropout) if dropout > 0 else weights, v), weights
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:

@@ -141,6 +141,8 @@ class PackedLinear(nn.Module):
             if self._padded:
                 y = y.reshape(rows, -1)[:, : self.out_features]
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self.packed and x.dtype == self.dtype:  # (the common case, without two no-op calls)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         else:
