@@ -165,7 +165,8 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     first = (chosen // blocks) * vocab + (chosen % blocks) * RANK_BLOCK  # in the sentence's beams x vocab
     index = (first[:, :, None] + torch.arange(RANK_BLOCK, device=first.device)).view(n, m * RANK_BLOCK)
     if whole < vocab:  # each beam's last tokens, in no block: always ranked
-        tail = torch.arange(beams, device=first.device)[:, None] * vocab + torch.arange(whole, vocab, device=first.device)
+        device = first.device
+        tail = torch.arange(beams, device=device)[:, None] * vocab + torch.arange(whole, vocab, device=device)
         index = torch.cat([index, tail.view(1, -1).expand(n, -1)], 1)
     candidates = log_probs.view(n, beams * vocab).gather(1, index).add_(scores.gather(1, index // vocab))
     top_scores, best = candidates.topk(m, dim=1)
