@@ -141,13 +141,13 @@ class PackedLinear(nn.Module):
             if self._padded:
                 y = y.reshape(rows, -1)[:, : self.out_features]
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.packed and x.dtype == self.dtype:  # (the common case, without two no-op calls)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        same = x.dtype == self.dtype  # the common case: no casts (each a call, even when a no-op)
+        inputs = x if same else x.to(self.dtype)
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(inputs, self.weight, self.bias, "none", [], "")
         else:
-            y = nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
-        return y.to(x.dtype)
+            y = nn.functional.linear(inputs, self.weight, self.bias)
+        return y if same else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
