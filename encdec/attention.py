@@ -99,8 +99,40 @@ class KVCache:
         self.length, self._views = self.length + 1, None
         return self._filled()
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (beam search reordering and pruning)."""
+    def reorder(self, index: Tensor, shared: Tensor | None = None) -> None:
+        """Keep batch rows ``index`` (beam search reordering and pruning).
+
+        ``shared`` ``(rows,)``, optional, where the row count stays: for each row, how many leading
+        positions already hold what row ``index[row]`` holds there (the two hypotheses share those
+        tokens, so their keys and values are the same); only the later positions are copied.
+        """
+        self.apply_reorder(index, self.plan_reorder(index, shared))
+
+    def plan_reorder(self, index: Tensor, shared: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """What :meth:`reorder` copies where few positions of a preallocated cache change: the
+        ``(to, source)`` slices of the buffer seen as ``(length * rows, heads * head_dim)``; ``None``
+        where a gather of every row is cheaper. Caches of the same length and rows (a decoder's
+        layers) share one plan (:meth:`DecoderCache.reorder_self_attention`)."""
+        if self._k is None or not self.capacity or self._k.requires_grad or index.numel() != self._k.size(1):
+            return None
+        # The same rows, reordered (beams moving among their sentence's slots): where most rows stay
+        # put (beam search keeps a beam's continuation in its slot where it can) and the moved ones
+        # share most of their prefix with the beam they replace, copying only the slices that
+        # differ reads and writes less than a full gather.
+        rows = index.numel()
+        moved = (index != torch.arange(rows, device=index.device)).nonzero().squeeze(1)
+        positions = torch.arange(self.length, device=index.device)[:, None]
+        to, source = positions * rows + moved, positions * rows + index[moved]  # (positions, moved)
+        if shared is None:
+            to, source = to.view(-1), source.view(-1)
+        else:
+            differ = positions >= shared[moved]
+            to, source = to[differ], source[differ]
+        # A slice copied is read and written twice (gathered, then put back); a full gather once.
+        return (to, source) if 2 * to.numel() <= rows * self.length else None
+
+    def apply_reorder(self, index: Tensor, plan: tuple[Tensor, Tensor] | None) -> None:
+        """:meth:`reorder` with the slices :meth:`plan_reorder` chose (``None``: gather every row)."""
         if self._k is None:
             return
         self._views = None
@@ -108,24 +140,18 @@ class KVCache:
             self._k, self._v = self._k.index_select(1, index), self._v.index_select(1, index)
             return
         rows, filled_k, filled_v = index.numel(), self._k[: self.length], self._v[: self.length]
-        if rows == self._k.size(1):
-            # The same rows, reordered (beams moving among their sentence's slots): where most rows
-            # stay put (beam search keeps a beam's continuation in its slot where it can), copying
-            # only the rows that move reads and writes less than a full gather.
-            moved = (index != torch.arange(rows, device=index.device)).nonzero().squeeze(1)
-            if 2 * moved.numel() <= rows:
-                if moved.numel():
-                    # Each position's row is one contiguous (heads * head_dim) slice: seen as rows
-                    # of a 2-D buffer, the moved slices are gathered and written back by dimension-0
-                    # index_select / index_copy_, which copy whole slices (in-place indexing copied
-                    # them element by element: 2 threads, 65 of 160 rows x 20 positions x 3 layers'
-                    # keys and values, 513 against 894 us).
-                    positions = torch.arange(self.length, device=index.device)[:, None] * rows
-                    to, source = (positions + moved).view(-1), (positions + index[moved]).view(-1)
-                    for filled in (filled_k, filled_v):
-                        slices = filled.view(self.length * rows, -1)
-                        slices.index_copy_(0, to, slices.index_select(0, source))
-                return
+        if plan is not None:
+            if plan[0].numel():
+                # Each position's row is one contiguous (heads * head_dim) slice: seen as rows of a
+                # 2-D buffer, the slices are gathered and written back by dimension-0 index_select /
+                # index_copy_, which copy whole slices (in-place indexing copied them element by
+                # element: 2 threads, 65 of 160 rows x 20 positions x 3 layers' keys and values,
+                # 513 against 894 us).
+                to, source = plan
+                for filled in (filled_k, filled_v):
+                    slices = filled.view(self.length * rows, -1)
+                    slices.index_copy_(0, to, slices.index_select(0, source))
+            return
         # Preallocated: copy only the filled positions, into a second buffer that then swaps with
         # the first, so beam search's per-step reordering allocates nothing. The buffers are kept
         # flat and viewed at the current row count, so the filled block stays contiguous.

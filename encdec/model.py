@@ -57,10 +57,12 @@ class DecoderCache:
         for layer, cache in zip(decoder.layers, self.cross_attn):
             cache.append(*layer.cross_attn.project_keys_values(memory))
 
-    def reorder_self_attention(self, index: Tensor) -> None:
-        """Keep (and repeat) hypothesis rows ``index``: the surviving beams."""
+    def reorder_self_attention(self, index: Tensor, shared: Tensor | None = None) -> None:
+        """Keep (and repeat) hypothesis rows ``index``: the surviving beams. ``shared`` ``(rows,)``:
+        how many leading positions each row shares with row ``index[row]`` (:meth:`KVCache.reorder`)."""
+        plan = self.self_attn[0].plan_reorder(index, shared)  # the same for every layer
         for cache in self.self_attn:
-            cache.reorder(index)
+            cache.apply_reorder(index, plan)
 
     def reorder_cross_attention(self, index: Tensor) -> None:
         """Keep sentences ``index`` (those not finished yet)."""

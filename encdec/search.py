@@ -94,11 +94,12 @@ class _Step:
         log_probs = torch.stack([torch.log_softmax(s, 1, out=s) for s in scores])
         return torch.logsumexp(log_probs, 0) - math.log(len(scores))
 
-    def keep(self, rows: Tensor, sentences: Tensor | None = None) -> None:
+    def keep(self, rows: Tensor, sentences: Tensor | None = None, shared: Tensor | None = None) -> None:
         """Keep (reorder, repeat) hypothesis rows ``rows``; ``sentences``: the live sentences that
-        stay, where some have finished (``None``: all stay, rows only move among their beams)."""
+        stay, where some have finished (``None``: all stay, rows only move among their beams);
+        ``shared``: see :meth:`KVCache.reorder`."""
         for cache in self.caches:
-            cache.reorder_self_attention(rows)
+            cache.reorder_self_attention(rows, shared)
         if sentences is not None:
             if self.src_mask is not None:
                 self.src_mask = self.src_mask.index_select(0, sentences)
@@ -309,7 +310,14 @@ def beam_search(model: Models, src: Tensor, beam_size: int = 5, alpha: float = 1
             break
         keep = (~done).nonzero().squeeze(1)
         rows = rows[keep].view(-1)
+        shared = None
+        if rows.numel() == tokens.size(0):
+            # Row j's new hypothesis continues old row rows[j]. Up to their first differing token the
+            # two hold the same cached keys and values (position p's depend on tokens 0..p only), so
+            # the cache copies only the positions from there on. (Where nothing differs, argmax
+            # gives 0: everything is copied.)
+            shared = (tokens != tokens[rows]).int().argmax(1)
         tokens = torch.cat([tokens[rows], next_token[keep].view(-1, 1)], dim=1)
         scores, alive = go_scores[keep], alive[keep]
-        step.keep(rows, sentences=None if len(keep) == n else keep)
+        step.keep(rows, sentences=None if len(keep) == n else keep, shared=shared)
     return [sorted(h, key=lambda h: -h.score)[:n_best] for h in finished]

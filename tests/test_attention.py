@@ -5,6 +5,7 @@ from torch import nn
 
 from encdec import attention
 from encdec.attention import KVCache, MultiHeadAttention, padding_mask, subsequent_mask
+from encdec.model import DecoderCache
 
 
 def test_masks_shapes_and_values():
@@ -134,6 +135,32 @@ def test_cache_reorders_like_indexing_through_growth_and_pruning(capacity):
         cache.reorder(index)
         k_ref, v_ref, rows = k_ref[index], v_ref[index], len(index)
         assert torch.equal(cache.k, k_ref) and torch.equal(cache.v, v_ref), f"step {step}"
+
+
+def test_reorder_after_shared_prefixes_copies_the_rest_and_equals_indexing():
+    """Beam search tells the caches how many leading positions each row's new hypothesis shares with
+    its old one (same tokens, so the same keys and values): copying only the later positions, with
+    one plan for every layer, must equal plain indexing. Each position's keys encode the tokens up
+    to it, so a position left uncopied that should have been would show."""
+    g = torch.Generator().manual_seed(0)
+    rows, heads, layers = 6, 2, 2
+    cache = DecoderCache(layers, capacity=8)
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    reference = [None] * layers
+    for index in ([0, 0, 1, 3, 3, 5], [1, 0, 2, 3, 4, 4], [0, 1, 2, 3, 4, 5], [2, 2, 2, 5, 3, 4], [1, 1, 0, 3, 4, 5]):
+        # Position p holds what token p's prefix gives (beam search's cache: keys of the tokens fed so far).
+        code = (tokens * 2 ** torch.arange(tokens.size(1))).sum(1).float()  # one number per prefix
+        for layer, kv in enumerate(cache.self_attn):
+            k = (code + 100 * layer)[:, None, None, None] + torch.arange(heads * 3.0).view(1, heads, 1, 3)
+            kv.append(k, -k)
+            reference[layer] = k if reference[layer] is None else torch.cat([reference[layer], k], 2)
+        index = torch.tensor(index)
+        cache.reorder_self_attention(index, shared=(tokens != tokens[index]).int().argmax(1))
+        for layer, kv in enumerate(cache.self_attn):
+            reference[layer] = reference[layer][index]
+            assert torch.equal(kv.k, reference[layer]) and torch.equal(kv.v, -reference[layer])
+        # the next token of each row (two symbols: long shared prefixes)
+        tokens = torch.cat([tokens[index], torch.randint(0, 2, (rows, 1), generator=g)], 1)
 
 
 @pytest.mark.parametrize("training", [True, False])
