@@ -231,15 +231,25 @@ def decode_table(rows: dict) -> list[str]:
 
 def target_table(rows: dict) -> list[str]:
     """The issue's decoding targets side by side: vs HF, and same precision vs CTranslate2; bf16
-    (CTranslate2 has no bf16 on CPUs) against CTranslate2's faster of float32 and int8."""
+    (CTranslate2 has no bf16 on CPUs) against CTranslate2's faster of float32 and int8. Each cell is
+    the ratio of the best rounds and, with several rounds, in brackets each round's own ratio (the
+    systems run in turn within a round, so a round's pair saw about the same machine)."""
     bf16 = "encdec-bf16" in rows
     out = ["| mode | encdec / hf | encdec / ct2-float32 | encdec-int8 / ct2-int8 |"
            + (" encdec-bf16 / fastest ct2 |" if bf16 else ""), "|---|---|---|---|" + ("---|" if bf16 else "")]
+
+    def cell(mode: str, ours: str, *peers: str) -> str:
+        best = {name: rows[name][mode]["tokens_per_s"] for name in (ours, *peers)}
+        text = ratio(best[ours], max(best[p] for p in peers))
+        rounds = [rows[name][mode]["rounds_tokens_per_s"] for name in (ours, *peers)]
+        if len(rounds[0]) > 1:
+            text += f" ({' / '.join(f'{a / max(b):.2f}' for a, *b in zip(*rounds))})"
+        return text
+
     for mode in [k for k in rows["encdec"] if k != "max_rss_mib"]:
-        tps = {name: r[mode]["tokens_per_s"] for name, r in rows.items()}
-        out.append(f"| {mode} | {ratio(tps['encdec'], tps['hf'])} | {ratio(tps['encdec'], tps['ct2-float32'])} | "
-                   f"{ratio(tps['encdec-int8'], tps['ct2-int8'])} |"
-                   + (f" {ratio(tps['encdec-bf16'], max(tps['ct2-float32'], tps['ct2-int8']))} |" if bf16 else ""))
+        out.append(f"| {mode} | {cell(mode, 'encdec', 'hf')} | {cell(mode, 'encdec', 'ct2-float32')} | "
+                   f"{cell(mode, 'encdec-int8', 'ct2-int8')} |"
+                   + (f" {cell(mode, 'encdec-bf16', 'ct2-float32', 'ct2-int8')} |" if bf16 else ""))
     return out
 
 
