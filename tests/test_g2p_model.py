@@ -31,9 +31,9 @@ def test_shipped_model_keeps_its_accuracy_on_the_test_split():
     wer, per = word_error_rate(outputs, references), symbol_error_rate(outputs, references)
     # The shipped (float16) weights measured 25.00 / 5.72 on this slice (23.13 / 5.48 on the whole
     # test split at alpha 0; the two models before them 25.00 / 6.45 and 25.33 / 5.67 here, 23.42 /
-    # 5.57 and 24.21 / 5.69 there); the bounds leave room
-    # for float rounding and run-to-run variation, and fail on a broken or much worse model
-    # (an older shipped model, 31.91 / 7.84 on the whole split, measured 32.67 / 7.48 here).
+    # 5.57 and 24.21 / 5.69 there); the bounds leave room for float rounding and run-to-run
+    # variation, and fail on a broken or much worse model (an older shipped model, 31.91 / 7.84 on
+    # the whole split, measured 32.67 / 7.48 here).
     assert wer <= 28.5 and per <= 6.8, f"WER {wer:.2f}, PER {per:.2f}"
 
 
