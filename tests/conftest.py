@@ -16,6 +16,18 @@ def tiny_model(**overrides):
     return build_model(tiny_config(**overrides), seed=0).eval()
 
 
+def randomize_norms(model, seed=0):
+    """Layer norms with gains and biases away from their initial 1 and 0, so a path that drops
+    or swaps one computes something else."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=g) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+    return model
+
+
 def random_batch(cfg: ModelConfig, batch=3, src_len=7, tgt_len=5, seed=0):
     """Random non-special ids (>= 4) for source and target, (batch, len)."""
     g = torch.Generator().manual_seed(seed)

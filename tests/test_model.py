@@ -9,7 +9,7 @@ from encdec import ConfigError, ModelConfig, build_model, padding_mask
 from encdec.embeddings import sinusoids
 from encdec.layers import DecoderLayer, EncoderLayer, FeedForward
 
-from conftest import random_batch, tiny_config, tiny_model
+from conftest import random_batch, randomize_norms, tiny_config, tiny_model
 
 
 def test_block_shapes_and_dtypes():
@@ -72,7 +72,7 @@ def test_cached_step_by_step_decoding_equals_full_sequence(overrides):
 @pytest.mark.parametrize("overrides", [{}, {"norm": "pre"}, {"positional": "learned"}])
 @pytest.mark.parametrize("capacity", [0, 4, 16])  # no buffers, buffers that must grow, enough room
 def test_decode_step_equals_full_sequence_decoding(overrides, capacity):
-    model = tiny_model(**overrides).eval()
+    model = randomize_norms(tiny_model(**overrides))
     src, tgt = random_batch(model.cfg, tgt_len=9)
     src[1, 5:] = model.cfg.pad_id
     src_mask = padding_mask(src, model.cfg.pad_id)
