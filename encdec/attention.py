@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear, linear
+
 
 def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
     """Keys that are real tokens: ``(batch, len)`` ids -> ``(batch, 1, 1, len)`` bool."""
@@ -264,8 +266,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
         self.d_model, self.heads, self.head_dim = d_model, heads, d_model // heads
         self.dropout = dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.in_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
         self.record_weights = False
         self.weights: Tensor | None = None
         # Set by split_projections() for inference: W_Q and [W_K; W_V] as Linear layers of their own.
@@ -289,7 +291,7 @@ class MultiHeadAttention(nn.Module):
         if self.q_proj is not None:
             return self.q_proj.forward(x)  # forward: see DecoderLayer.step
         d = self.d_model
-        return F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d])
+        return linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d])
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """``(batch, len, d_model)`` -> ``(batch, heads, len, head_dim)``."""
@@ -302,7 +304,7 @@ class MultiHeadAttention(nn.Module):
         if self.kv_proj is not None:
             kv = self.kv_proj(memory)
         else:
-            kv = F.linear(memory, self.in_proj.weight[d:], self.in_proj.bias[d:])
+            kv = linear(memory, self.in_proj.weight[d:], self.in_proj.bias[d:])
         k, v = kv.split(d, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 

@@ -41,11 +41,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .linear import Linear, onednn_available
 from .model import Transformer
-
-
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @functools.cache
@@ -256,13 +253,20 @@ def _quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
-def _swap_linears(module: nn.Module, make) -> None:
-    """Replace every ``nn.Linear`` under ``module`` by ``make(linear)``."""
+def _swap_linears(module: nn.Module, make, kind: type[nn.Module] = nn.Linear) -> None:
+    """Replace every ``kind`` (exactly that type) under ``module`` by ``make(module)``."""
     for name, child in module.named_children():
-        if type(child) is nn.Linear:
+        if type(child) is kind:
             setattr(module, name, make(child))
         else:
-            _swap_linears(child, make)
+            _swap_linears(child, make, kind)
+
+
+def _plain_linear(linear: Linear) -> nn.Linear:
+    """``nn.Linear`` holding ``linear``'s parameters."""
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    plain.weight, plain.bias = linear.weight, linear.bias
+    return plain
 
 
 # glibc's mallopt parameters (malloc.h) and the values reuse_freed_memory() sets.
@@ -324,6 +328,8 @@ def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool =
         p.requires_grad_(False)
     for layer in model.decoder.layers:
         layer.cross_attn.split_projections()  # so its W_Q and [W_K; W_V] blocks are swapped too
+    # The conversions below (and torch.ao's) take plain nn.Linear; Linear's products serve training.
+    _swap_linears(model, _plain_linear, kind=Linear)
     if precision == "int8":
         if int8_onednn_available():
             _swap_linears(model, Int8Linear)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention
+from .linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 
@@ -45,8 +46,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, ff: int, activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__()
-        self.w_1 = nn.Linear(d_model, ff)
-        self.w_2 = nn.Linear(ff, d_model)
+        self.w_1 = Linear(d_model, ff)
+        self.w_2 = Linear(ff, d_model)
         self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(dropout)
 

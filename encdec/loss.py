@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linear import product, product_tn, uses_onednn
+
 # Logits per chunk (32 MiB in float32): rows = this // vocab, at least 64. The chunk's products
 # want rows: at the base model's vocabulary of 32,000, 65-row chunks (8 MiB) ran the projection
 # and its gradients at ~100 GFLOP/s and 256-262-row chunks at 126-143 on a 2-core AVX2 EPYC (base
@@ -70,19 +72,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = max(1, min(_chunk_rows(vocab), hidden.size(0)))
         # One set of chunk buffers, reused: glibc's malloc maps and unmaps blocks this large each
         # time, and the page faults made the logits' copies ~18x slower (bf16 training, 1 thread).
-        logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        # (oneDNN's float32 products, encdec.linear, write fresh tensors instead.)
+        onednn = uses_onednn(hidden_mm, weight_mm)
+        logits_buf = None if onednn else torch.empty(rows, vocab, dtype=torch.float32, device=device)
         low_buf = None if mm_dtype == torch.float32 else torch.empty(rows, vocab, dtype=mm_dtype, device=device)
         gw_buf = torch.empty_like(weight_mm) if grad_weight is not None and low_buf is not None else None
         with torch.autocast(device.type, enabled=False):
             for start in range(0, hidden.size(0), rows):
                 h, y = hidden_mm[start:start + rows], target[start:start + rows]
-                z = logits_buf[:h.size(0)]
-                if low_buf is None:
-                    torch.mm(h, weight_mm.t(), out=z)
+                if onednn:
+                    z = product(h, weight_mm)
+                elif low_buf is None:
+                    z = torch.mm(h, weight_mm.t(), out=logits_buf[:h.size(0)])
                 else:
                     low = low_buf[:h.size(0)]
                     torch.mm(h, weight_mm.t(), out=low)
-                    z.copy_(low)
+                    z = logits_buf[:h.size(0)].copy_(low)
                 if bias is not None:
                     z.add_(bias)
                 loss, grad = _chunk_loss_and_softmax(z, y, smoothing)
@@ -97,10 +102,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(0)
                 g = grad if low_buf is None else low.copy_(grad)  # multiply back in the forward's precision
                 if grad_hidden is not None:
-                    grad_hidden[start:start + rows] = g @ weight_mm
+                    grad_hidden[start:start + rows] = product(g, weight_mm.t())
                 if grad_weight is None:
                     continue
-                if gw_buf is None:
+                if onednn:
+                    grad_weight += product_tn(g, h)
+                elif gw_buf is None:
                     grad_weight.addmm_(g.t(), h)
                 else:
                     grad_weight += torch.mm(g.t(), h, out=gw_buf)

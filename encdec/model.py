@@ -13,6 +13,7 @@ from .attention import KVCache, MultiHeadAttention, padding_mask, subsequent_mas
 from .config import ModelConfig
 from .embeddings import Embeddings, PositionalEncoding
 from .layers import DecoderLayer, EncoderLayer
+from .linear import Linear
 
 
 def _layer_options(cfg: ModelConfig) -> dict:
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
         self.tgt_pos = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.dropout, cfg.positional, cfg.sinusoid_layout)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
+        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
         self._init_weights()
         if cfg.tie_output:
             self.output.weight = self.tgt_embed.weight

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from encdec import ModelConfig, build_model
+from encdec import linear as linear_module
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -35,6 +36,15 @@ def random_batch(cfg: ModelConfig, batch=3, src_len=7, tgt_len=5, seed=0):
     tgt = torch.randint(4, cfg.tgt_vocab_size, (batch, tgt_len), generator=g)
     tgt[:, 0] = cfg.decoder_start_id
     return src, tgt
+
+
+@pytest.fixture(params=["blas", "onednn"])
+def products(request, monkeypatch):
+    """Run the test with each library's float32 products (encdec.linear), whatever its probe found here."""
+    if request.param == "onednn" and not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "onednn_beats_blas", lambda: request.param == "onednn")
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from torch import nn
 from encdec import inference
 from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available, onednn_packs,
                               prepare_for_cpu, quantize_activations)
+from encdec.linear import Linear
 from encdec.search import beam_search, greedy_search
 
 from conftest import random_batch, tiny_model
@@ -82,7 +83,7 @@ def test_every_linear_is_quantized_and_the_float_model_is_kept(int8_kind):
     # w_1 and w_2; plus the output layer
     cfg = model.cfg
     assert len(int8) == cfg.encoder_layers * 4 + cfg.decoder_layers * 7 + 1
-    assert all(type(m) is nn.Linear for m in (model.output, model.encoder.layers[0].feed_forward.w_1))
+    assert all(type(m) is Linear for m in (model.output, model.encoder.layers[0].feed_forward.w_1))
 
 
 @pytest.mark.parametrize("shift", [0.0, 3.0, -3.0])

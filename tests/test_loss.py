@@ -28,7 +28,7 @@ def loss_and_grads(fn, hidden, weight, bias, target, smoothing):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
-def test_equals_unfused_loss_and_gradients_across_chunks(monkeypatch, bias, smoothing):
+def test_equals_unfused_loss_and_gradients_across_chunks(monkeypatch, products, bias, smoothing):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64 * 700)  # 64-row chunks: 300 rows -> 5 chunks, ragged end
     args = leaves(bias=bias)
     want, want_grads = loss_and_grads(reference, *args, smoothing)
