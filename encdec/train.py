@@ -35,6 +35,7 @@ from .checkpoint import (atomic_folder, load_model_folder, load_trainer_state, s
                          save_trainer_state)
 from .config import RunConfig, TokenizerConfig, check_resumable, to_dict
 from .data import Batch, BatchIterator, BinarizedCorpus, collate, read_pairs
+from .linear import bound_onednn_caches
 from .loss import linear_cross_entropy
 from .metrics import evaluate_all, exact_match
 from .model import Transformer, build_model
@@ -182,6 +183,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         tc = cfg.train
         self.ctx = ctx or distributed.setup(tc.device)
+        bound_onednn_caches()  # before the first product of this process
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         log = self.log if self.ctx.is_main else (lambda *a: None)
         if self.ctx.is_main:

@@ -1,11 +1,16 @@
 """encdec.linear: oneDNN's float32 products in training, against F.linear and plain matrix products."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from encdec import linear as linear_module
-from encdec.linear import Linear, linear, onednn_available, product, product_tn, uses_onednn
+from encdec.linear import (Linear, bound_onednn_caches, linear, onednn_available, product, product_tn,
+                           uses_onednn)
 from encdec.train import TranslationLoss
 
 from conftest import random_batch, tiny_model
@@ -107,3 +112,38 @@ def test_training_step_gradients_agree_between_the_libraries(monkeypatch):
     assert grads_o.keys() == grads_b.keys() and len(grads_b) > 10
     for name, grad in grads_b.items():
         torch.testing.assert_close(grads_o[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bounding_the_caches_keeps_the_user_s_settings(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")
+    bound_onednn_caches(16)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16" and os.environ["LRU_CACHE_CAPACITY"] == "300"
+
+
+GROWTH_PROBE = """
+import os, sys, torch
+if sys.argv[1] == "bounded":
+    from encdec.linear import bound_onednn_caches
+    bound_onednn_caches()
+from encdec.linear import _onednn_product
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+torch.set_num_threads(1)
+weight = torch.randn(512, 256)
+for rows in range(2000, 2000 + 160):  # a new shape each time, as training batches are
+    if rows == 2040:
+        start = rss_mb()
+    _onednn_product(torch.randn(rows, 256), weight)
+print(rss_mb() - start)
+"""
+
+
+@needs_onednn
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set size from /proc")
+def test_bounded_caches_stop_memory_growing_with_each_new_shape():
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    growth = {kind: int(subprocess.run([sys.executable, "-c", GROWTH_PROBE, kind], env=env, check=True,
+                                       capture_output=True, text=True).stdout) for kind in ("bounded", "default")}
+    assert growth["bounded"] < 40, growth
+    assert growth["default"] > growth["bounded"] + 60, growth  # what the bound is for
