@@ -44,7 +44,9 @@ def train_system(name: str, c: dict, pairs, ranks: int = 1):
         from encdec.data import token_batches
         from encdec.linear import bound_onednn_caches
         from encdec.train import TranslationLoss
+        from encdec.allocator import reuse_freed_memory
         bound_onednn_caches()  # what encdec's Trainer does first
+        reuse_freed_memory()
         model = build_model(ModelConfig(c["vocab"], c["vocab"], c["d"], c["heads"], c["ff"], c["layers"], c["layers"],
                                         share_embeddings=True, tie_output=True), seed=1)
         loss_fn = TranslationLoss(model, SMOOTHING)

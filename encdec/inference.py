@@ -27,20 +27,18 @@ layers (attention projections, feed-forward, output layer) are replaced by
 
 Embeddings, layer norm and softmax stay float32.
 
-It also tunes glibc's allocator for decoding (:func:`reuse_freed_memory`).
+It also tunes glibc's allocator (:func:`encdec.allocator.reuse_freed_memory`).
 """
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import functools
-import os
 import warnings
 
 import torch
 from torch import Tensor, nn
 
+from .allocator import reuse_freed_memory
 from .linear import Linear, onednn_available
 from .model import Transformer
 
@@ -267,46 +265,6 @@ def _plain_linear(linear: Linear) -> nn.Linear:
     plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     plain.weight, plain.bias = linear.weight, linear.bias
     return plain
-
-
-# glibc's mallopt parameters (malloc.h) and the values reuse_freed_memory() sets.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 256 * 2 ** 20
-TRIM_THRESHOLD = 2 ** 30
-
-
-@functools.cache
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed large blocks for reuse; returns whether it did.
-
-    A decoding step allocates the same large temporaries again and again: logits of
-    ``(rows, vocab)`` (20 MB for 160 beams x 32000), feed-forward activations, copies of the
-    caches. glibc serves blocks above its mmap threshold (128 KiB, raised only up to 32 MiB as
-    blocks are freed) with fresh ``mmap`` pages and returns freed heap tops to the system, so
-    each step's large tensors page-fault in again and are zeroed by the kernel. Raising the
-    mmap threshold to :data:`MMAP_THRESHOLD` and the trim threshold to :data:`TRIM_THRESHOLD`
-    keeps them in the heap. Measured on a 2-core AMD EPYC (2 threads): the base model's int8
-    output layer at 160 rows 12-13 -> 4.6 ms a step, as fast as alone; beam-5 batch-32
-    decoding of the base model in int8 +30-40 % (749-862 -> 991-1,095 tokens/s), of the small
-    model +4-6 %; greedy and batch 1 within the noise. The cost: up to
-    :data:`TRIM_THRESHOLD` of freed memory stays with the process for reuse.
-
-    Only on glibc, once per process, and not where the user set glibc's malloc tunables
-    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) or asked for
-    glibc's defaults (``ENCDEC_MALLOC_DEFAULTS=1``). A preloaded allocator (tcmalloc, jemalloc)
-    ignores it. :func:`prepare_for_cpu` calls it after the weights are in place.
-    """
-    if os.environ.get("ENCDEC_MALLOC_DEFAULTS") == "1" or any(
-            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS): its mallopt means other things
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool = False) -> Transformer:

@@ -5,9 +5,9 @@ Written plainly, ``F.cross_entropy(F.linear(h, W, b), y, label_smoothing=eps)`` 
 times (log-softmax, its backward, the smoothing term, zero-fills, adds). On a CPU those
 passes cost more than the projection's matrix product. :func:`linear_cross_entropy` gives
 the same loss and the same gradients, but works on chunks of rows: per chunk, the logits
-are made, turned into the loss *and* into their gradient (``softmax - target distribution``)
-while they sit in cache, and multiplied back into the gradients of ``h``, ``W`` and ``b``.
-Nothing of vocabulary size outlives its chunk.
+are made, turned by one softmax into the loss *and* their gradient (``softmax - target
+distribution``), and multiplied back into the gradients of ``h``, ``W`` and ``b``. Nothing of
+vocabulary size outlives its chunk, and the rest of the formulas below is done on vectors.
 
 With smoothing ``eps`` over ``V`` classes, the target distribution is ``(1 - eps)`` on the
 gold token plus ``eps / V`` everywhere (PyTorch's convention), so per row::
@@ -22,102 +22,127 @@ from torch import Tensor
 
 from .linear import product, product_tn, uses_onednn
 
-# Logits per chunk (32 MiB in float32): rows = this // vocab, at least 64. The chunk's products
-# want rows: at the base model's vocabulary of 32,000, 65-row chunks (8 MiB) ran the projection
-# and its gradients at ~100 GFLOP/s and 256-262-row chunks at 126-143 on a 2-core AVX2 EPYC (base
-# training +17% tokens/s, same process A/B); at 8,000 words 262 and 1,048 rows were even.
+# Rows per chunk. The chunk's products want rows (few make slow products), and since the chunk is
+# walked only by the softmax and the products, its size need not fit a cache. Forward + backward
+# of 3,100 tokens on the 2-core AVX512 EPYC, float32 (bf16 autocast), 262 / 524 / 1,048 rows:
+# 8,000 words 106 / 111 / 120 ms (63 / 64 / 78), 32,000 words 1,080 / 1,043 ms (571 / 588) for
+# 262 / 524; 65-131 rows ran base-sized products at 150-225 GFLOP/s against ~290.
 # `python benchmarks/loss_chunks.py` times every size.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ROWS = 512
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(64, CHUNK_ELEMENTS // vocab)
+def _exact_logsumexp(z: Tensor) -> Tensor:
+    """``logsumexp`` of the rows of ``z`` ``(rows, vocab)``, shape ``(rows,)``, without denormals.
 
-
-def _chunk_loss_and_softmax(z: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
-    """Summed loss of float32 logits ``z`` ``(rows, vocab)``, and their softmax, made in ``z``'s memory.
-
-    One exp() serves both. It is clamped at e^-80: below e^-87 a float32 is denormal and x86
-    CPUs slow down ~10x on them (torch's own log_softmax and softmax do, on real logits); the
-    clamp moves no probability by more than e^-80.
+    exp() is clamped at e^-80: below e^-87 a float32 is denormal, and x86 CPUs slow down ~10x on
+    those (``torch.logsumexp`` took 25 ms instead of 2 on 524 x 8,000 logits spread over +-120); the
+    clamp moves the sum by less than vocab x e^-80.
     """
-    gold = z.gather(1, target[:, None])
-    loss = -(1.0 - smoothing) * gold
-    if smoothing:
-        loss = loss - (smoothing / z.size(1)) * z.sum(dim=-1, keepdim=True)
     top = z.amax(dim=-1, keepdim=True)
-    probs = z.sub_(top).clamp_(min=-80.0).exp_()
-    norm = probs.sum(dim=-1, keepdim=True)
-    loss = loss + top + norm.log()  # + logsumexp(z)
-    return loss.sum(), probs.div_(norm)
+    return (top + (z - top).clamp_(min=-80.0).exp_().sum(dim=-1, keepdim=True).log_()).squeeze(-1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Loss summed over rows; the gradients are computed in the forward pass and scaled in backward."""
+    """Loss summed over rows; the gradients are computed in the forward pass and scaled in backward.
+
+    Per chunk the logits ``z`` make one softmax ``p`` (PyTorch's row-at-a-time kernel: each row stays
+    in cache), and everything else comes from products or from ``rows`` gathered elements:
+
+    - ``logsumexp(z) = z[y] - log p[y]`` (rows whose ``p[y]`` underflows take :func:`_exact_logsumexp`);
+    - ``sum(z) = hidden @ weight.sum(0) + bias.sum()``, for the smoothing term;
+    - the gradient ``p - (1 - eps) onehot(y) - eps / V``: the one-hot part is subtracted from ``p`` in
+      place (``rows`` elements), the constant ``eps / V`` once at the end, from the products' results
+      (``eps / V`` times ``weight.sum(0)``, ``hidden.sum(0)``, ``tokens``).
+
+    So the ``(rows, vocab)`` chunk is walked by the softmax and the two gradient products only, not by
+    the seven or eight elementwise passes the textbook formulas take.
+    """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 smoothing: float) -> Tensor:
-        vocab, device = weight.size(0), hidden.device
+        vocab, device, tokens = weight.size(0), hidden.device, hidden.size(0)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         want_grad = any(ctx.needs_input_grad[:3])
-        total = torch.zeros((), dtype=torch.float32, device=device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if ctx.needs_input_grad[2] else None
+        grad_weight = grad_bias = None
         # The products run in autocast's dtype where it is on (bf16), else in the weight's; cast once.
         autocast = torch.is_autocast_enabled(device.type)
         mm_dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
         weight_mm, hidden_mm = weight.to(mm_dtype), hidden.to(mm_dtype)
-        rows = max(1, min(_chunk_rows(vocab), hidden.size(0)))
+        rows = max(1, min(CHUNK_ROWS, tokens))
         # One set of chunk buffers, reused: glibc's malloc maps and unmaps blocks this large each
         # time, and the page faults made the logits' copies ~18x slower (bf16 training, 1 thread).
-        # (oneDNN's float32 products, encdec.linear, write fresh tensors instead.)
+        # (oneDNN's float32 products write fresh tensors instead.)
         onednn = uses_onednn(hidden_mm, weight_mm)
-        logits_buf = None if onednn else torch.empty(rows, vocab, dtype=torch.float32, device=device)
-        low_buf = None if mm_dtype == torch.float32 else torch.empty(rows, vocab, dtype=mm_dtype, device=device)
-        gw_buf = torch.empty_like(weight_mm) if grad_weight is not None and low_buf is not None else None
+        float_dtype = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: float32 at least
+        logits_buf = None if onednn else torch.empty(rows, vocab, dtype=float_dtype, device=device)
+        probs_buf = torch.empty(rows, vocab, dtype=float_dtype, device=device)
+        low_buf = None if mm_dtype == float_dtype else torch.empty(rows, vocab, dtype=mm_dtype, device=device)
+        gold_lse = torch.empty(tokens, dtype=float_dtype, device=device)  # z[y] - logsumexp(z), per row
         with torch.autocast(device.type, enabled=False):
-            for start in range(0, hidden.size(0), rows):
+            for start in range(0, tokens, rows):
                 h, y = hidden_mm[start:start + rows], target[start:start + rows]
                 if onednn:
-                    z = product(h, weight_mm)
-                elif low_buf is None:
-                    z = torch.mm(h, weight_mm.t(), out=logits_buf[:h.size(0)])
+                    z = product(h, weight_mm, bias)
                 else:
-                    low = low_buf[:h.size(0)]
-                    torch.mm(h, weight_mm.t(), out=low)
-                    z = logits_buf[:h.size(0)].copy_(low)
-                if bias is not None:
-                    z.add_(bias)
-                loss, grad = _chunk_loss_and_softmax(z, y, smoothing)
-                total += loss
+                    out = logits_buf[:h.size(0)] if low_buf is None else low_buf[:h.size(0)]
+                    torch.mm(h, weight_mm.t(), out=out)
+                    z = out if low_buf is None else logits_buf[:h.size(0)].copy_(out)
+                    if bias is not None:
+                        z.add_(bias)
+                p = torch.ops.aten._softmax.out(z, -1, False, out=probs_buf[:h.size(0)])
+                p_gold = p.gather(1, y[:, None]).squeeze(1)
+                lost = p_gold < 1e-30  # log p[y] would be inexact or -inf: take those rows' logsumexp directly
+                if lost.any():
+                    p_gold = p_gold.log().masked_scatter_(lost, z.gather(1, y[:, None]).squeeze(1)[lost]
+                                                          - _exact_logsumexp(z[lost]))
+                    gold_lse[start:start + rows] = p_gold
+                else:
+                    gold_lse[start:start + rows] = p_gold.log_()
                 if not want_grad:
                     continue
-                # dloss/dz = softmax(z) - eps/V - (1-eps) onehot(y), in place
-                if smoothing:
-                    grad.sub_(smoothing / vocab)
-                grad.scatter_add_(1, y[:, None], grad.new_full((y.numel(), 1), smoothing - 1.0))
-                if grad_bias is not None:
-                    grad_bias += grad.sum(0)
-                g = grad if low_buf is None else low.copy_(grad)  # multiply back in the forward's precision
+                p.scatter_add_(1, y[:, None], p.new_full((y.numel(), 1), smoothing - 1.0))
+                if bias is not None and ctx.needs_input_grad[2]:
+                    grad_bias = p.sum(0) if grad_bias is None else grad_bias.add_(p.sum(0))
+                g = p if low_buf is None else low_buf[:h.size(0)].copy_(p)  # multiply back in the forward's precision
                 if grad_hidden is not None:
                     grad_hidden[start:start + rows] = product(g, weight_mm.t())
-                if grad_weight is None:
-                    continue
-                if onednn:
-                    grad_weight += product_tn(g, h)
-                elif gw_buf is None:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight += torch.mm(g.t(), h, out=gw_buf)
+                if ctx.needs_input_grad[1]:
+                    # product_tn may hand back a transposed view: summed in its orientation, turned in backward.
+                    part = product_tn(g, h)
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        # The terms left out above (x = hidden, W = weight, b = bias, e = eps / V):
+        #   loss = sum over rows of [logsumexp(z) - (1 - eps) z[y] - e sum(z)]
+        #        = -sum(gold_lse) + eps * sum(z[y]) - e * (x.sum(0) . W.sum(0) + tokens * b.sum())
+        #   grads: each chunk's product of (p - (1 - eps) onehot) less e times the product of ones.
+        weight_f, hidden_f = weight.to(float_dtype), hidden.to(float_dtype)
+        gold = (hidden_f * weight_f[target]).sum(-1) if bias is None else \
+            (hidden_f * weight_f[target]).sum(-1) + bias.to(float_dtype)[target]
+        weight_sum, hidden_sum = weight_f.sum(0), hidden_f.sum(0)
+        loss = -gold_lse.sum() + smoothing * gold.sum()
+        if smoothing:
+            z_sum = hidden_sum @ weight_sum + (0.0 if bias is None else tokens * bias.to(float_dtype).sum())
+            loss = loss - smoothing / vocab * z_sum
+        e = smoothing / vocab
+        if grad_hidden is not None and e:
+            grad_hidden.sub_((e * weight_sum).to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(float_dtype)
+            if e:
+                grad_weight.sub_(e * hidden_sum)
+        if grad_bias is not None and e:
+            grad_bias.sub_(e * tokens)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total
+        return loss.float()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         scale = grad_output.float()
-        grads = [None if g is None else (g.float() * scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        # One pass each: scaled, cast and laid out like the parameter (the weight's gradient may be a
+        # transposed view) at once.
+        grads = [None if g is None else torch.mul(g, scale, out=torch.empty(g.shape, dtype=dtype, device=g.device))
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return *grads, None, None
 
 

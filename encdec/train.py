@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from .allocator import reuse_freed_memory
 from .attention import padding_mask
 from .checkpoint import (atomic_folder, load_model_folder, load_trainer_state, save_model_folder,
                          save_trainer_state)
@@ -184,6 +185,7 @@ class Trainer:
         tc = cfg.train
         self.ctx = ctx or distributed.setup(tc.device)
         bound_onednn_caches()  # before the first product of this process
+        reuse_freed_memory()  # a step's large tensors come back without page faults
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         log = self.log if self.ctx.is_main else (lambda *a: None)
         if self.ctx.is_main:

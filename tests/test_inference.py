@@ -154,18 +154,3 @@ def test_int8_search_beam_1_equals_greedy(int8_kind):
     assert [h[0].tokens for h in beam_search(quantized, src, beam_size=1, alpha=0.0, max_len_extra=8)] == greedy
 
 
-def test_malloc_tuning_is_applied_on_glibc_unless_the_user_set_its_tunables(monkeypatch):
-    """reuse_freed_memory() (called by prepare_for_cpu) raises glibc's mmap and trim thresholds,
-    and leaves them alone where the user chose malloc settings or asked for the defaults."""
-    import ctypes.util
-    import platform
-    tune = inference.reuse_freed_memory.__wrapped__  # uncached
-    for name in ("ENCDEC_MALLOC_DEFAULTS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
-        monkeypatch.delenv(name, raising=False)
-    glibc = platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
-    assert tune() is glibc
-    monkeypatch.setenv("ENCDEC_MALLOC_DEFAULTS", "1")
-    assert tune() is False
-    monkeypatch.delenv("ENCDEC_MALLOC_DEFAULTS")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
-    assert tune() is False
