@@ -117,8 +117,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         #        = -sum(gold_lse) + eps * sum(z[y]) - e * (x.sum(0) . W.sum(0) + tokens * b.sum())
         #   grads: each chunk's product of (p - (1 - eps) onehot) less e times the product of ones.
         weight_f, hidden_f = weight.to(float_dtype), hidden.to(float_dtype)
-        gold = (hidden_f * weight_f[target]).sum(-1) if bias is None else \
-            (hidden_f * weight_f[target]).sum(-1) + bias.to(float_dtype)[target]
+        gold = (hidden_f * weight_f[target]).sum(-1)  # z[y] per row
+        if bias is not None:
+            gold = gold + bias.to(float_dtype)[target]
         weight_sum, hidden_sum = weight_f.sum(0), hidden_f.sum(0)
         loss = -gold_lse.sum() + smoothing * gold.sum()
         if smoothing:
