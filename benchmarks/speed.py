@@ -43,7 +43,7 @@ def worker_peak(spec: dict) -> dict:
     is the machine's peak (the MFU denominator). They differ: MKL runs AVX2 code on AMD CPUs, so on
     an AVX512 EPYC ``torch.mm`` reaches less than half of what oneDNN does in float32."""
     import torch
-    from encdec.linear import onednn_available
+    from encdec.linear import _onednn_product, onednn_available
     torch.set_num_threads(THREADS)
     dtype = getattr(torch, spec.get("dtype", "float32"))
     by_library = {}
@@ -54,7 +54,7 @@ def worker_peak(spec: dict) -> dict:
             if library == "torch.mm":
                 product = lambda: a @ b  # noqa: E731
             else:
-                product = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
+                product = lambda: _onednn_product(a, b)  # noqa: E731
             product()  # first call allocates and warms the thread pool
             for _ in range(spec["repeats"]):
                 start = time.perf_counter()

@@ -42,11 +42,8 @@ def train_system(name: str, c: dict, pairs, ranks: int = 1):
     if name == "encdec":
         from encdec import ModelConfig, build_model
         from encdec.data import token_batches
-        from encdec.linear import bound_onednn_caches
-        from encdec.train import TranslationLoss
-        from encdec.allocator import reuse_freed_memory
-        bound_onednn_caches()  # what encdec's Trainer does first
-        reuse_freed_memory()
+        from encdec.train import TranslationLoss, prepare_training_process
+        prepare_training_process()  # what encdec's Trainer does first
         model = build_model(ModelConfig(c["vocab"], c["vocab"], c["d"], c["heads"], c["ff"], c["layers"], c["layers"],
                                         share_embeddings=True, tie_output=True), seed=1)
         loss_fn = TranslationLoss(model, SMOOTHING)

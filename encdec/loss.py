@@ -17,6 +17,8 @@ gold token plus ``eps / V`` everywhere (PyTorch's convention), so per row::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,11 +26,13 @@ from .linear import product, product_tn, uses_onednn
 
 # Rows per chunk. The chunk's products want rows (few make slow products), and since the chunk is
 # walked only by the softmax and the products, its size need not fit a cache. Forward + backward
-# of 3,100 tokens on the 2-core AVX512 EPYC, float32 (bf16 autocast), 262 / 524 / 1,048 rows:
-# 8,000 words 106 / 111 / 120 ms (63 / 64 / 78), 32,000 words 1,080 / 1,043 ms (571 / 588) for
-# 262 / 524; 65-131 rows ran base-sized products at 150-225 GFLOP/s against ~290.
+# of 3,100 tokens on the 2-core AVX512 EPYC, float32 (bf16 autocast), 128 / 256 / 512 / 1,024 rows:
+# 8,000 words 113 / 110 / 106 / 117 ms (77 / 70 / 67 / 82), 32,000 words 1,355 / 983 / 997 / 967 ms
+# (501 / 515 / 518 / 513); results/loss-chunks-epyc-avx512.md.
 # `python benchmarks/loss_chunks.py` times every size.
 CHUNK_ROWS = 512
+# Below this log p[y] comes from a probability under 1e-30: too few digits left, or none (-inf).
+LOG_TINY = math.log(1e-30)
 
 
 def _exact_logsumexp(z: Tensor) -> Tensor:
@@ -79,7 +83,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits_buf = None if onednn else torch.empty(rows, vocab, dtype=float_dtype, device=device)
         probs_buf = torch.empty(rows, vocab, dtype=float_dtype, device=device)
         low_buf = None if mm_dtype == float_dtype else torch.empty(rows, vocab, dtype=mm_dtype, device=device)
-        gold_lse = torch.empty(tokens, dtype=float_dtype, device=device)  # z[y] - logsumexp(z), per row
+        gold = torch.empty(tokens, dtype=float_dtype, device=device)  # z[y], per row
+        log_p_gold = torch.empty(tokens, dtype=float_dtype, device=device)  # z[y] - logsumexp(z), per row
         with torch.autocast(device.type, enabled=False):
             for start in range(0, tokens, rows):
                 h, y = hidden_mm[start:start + rows], target[start:start + rows]
@@ -92,14 +97,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if bias is not None:
                         z.add_(bias)
                 p = torch.ops.aten._softmax.out(z, -1, False, out=probs_buf[:h.size(0)])
-                p_gold = p.gather(1, y[:, None]).squeeze(1)
-                lost = p_gold < 1e-30  # log p[y] would be inexact or -inf: take those rows' logsumexp directly
+                z_gold = gold[start:start + rows].copy_(z.gather(1, y[:, None]).squeeze(1))
+                log_p = log_p_gold[start:start + rows].copy_(p.gather(1, y[:, None]).squeeze(1)).log_()
+                lost = log_p < LOG_TINY  # p[y] underflowed: inexact or -inf, take those rows' logsumexp directly
                 if lost.any():
-                    p_gold = p_gold.log().masked_scatter_(lost, z.gather(1, y[:, None]).squeeze(1)[lost]
-                                                          - _exact_logsumexp(z[lost]))
-                    gold_lse[start:start + rows] = p_gold
-                else:
-                    gold_lse[start:start + rows] = p_gold.log_()
+                    log_p[lost] = z_gold[lost] - _exact_logsumexp(z[lost])
                 if not want_grad:
                     continue
                 p.scatter_add_(1, y[:, None], p.new_full((y.numel(), 1), smoothing - 1.0))
@@ -114,14 +116,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight = part if grad_weight is None else grad_weight.add_(part)
         # The terms left out above (x = hidden, W = weight, b = bias, e = eps / V):
         #   loss = sum over rows of [logsumexp(z) - (1 - eps) z[y] - e sum(z)]
-        #        = -sum(gold_lse) + eps * sum(z[y]) - e * (x.sum(0) . W.sum(0) + tokens * b.sum())
+        #        = -sum(log p[y]) + eps * sum(z[y]) - e * (x.sum(0) . W.sum(0) + tokens * b.sum())
         #   grads: each chunk's product of (p - (1 - eps) onehot) less e times the product of ones.
-        weight_f, hidden_f = weight.to(float_dtype), hidden.to(float_dtype)
-        gold = (hidden_f * weight_f[target]).sum(-1)  # z[y] per row
-        if bias is not None:
-            gold = gold + bias.to(float_dtype)[target]
-        weight_sum, hidden_sum = weight_f.sum(0), hidden_f.sum(0)
-        loss = -gold_lse.sum() + smoothing * gold.sum()
+        weight_sum, hidden_sum = weight.to(float_dtype).sum(0), hidden.to(float_dtype).sum(0)
+        loss = -log_p_gold.sum() + smoothing * gold.sum()
         if smoothing:
             z_sum = hidden_sum @ weight_sum + (0.0 if bias is None else tokens * bias.to(float_dtype).sum())
             loss = loss - smoothing / vocab * z_sum

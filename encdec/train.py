@@ -177,6 +177,14 @@ class DevSet:
         return cls(batches, list(grouped), list(grouped.values()))
 
 
+def prepare_training_process() -> None:
+    """What a training process does before its first matrix product: bound oneDNN's caches (memory
+    would grow with each new batch shape) and keep glibc's freed large blocks (a step's large tensors
+    come back without page faults)."""
+    bound_onednn_caches()
+    reuse_freed_memory()
+
+
 class Trainer:
     """Owns the model, optimizer, data stream and run folder of one training run."""
 
@@ -184,8 +192,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         tc = cfg.train
         self.ctx = ctx or distributed.setup(tc.device)
-        bound_onednn_caches()  # before the first product of this process
-        reuse_freed_memory()  # a step's large tensors come back without page faults
+        prepare_training_process()
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         log = self.log if self.ctx.is_main else (lambda *a: None)
         if self.ctx.is_main:
