@@ -217,25 +217,44 @@ def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dro
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
-    """``F.scaled_dot_product_attention``, except for bf16 on a CPU.
+    """``F.scaled_dot_product_attention``, or on a CPU the product written out where that is faster.
 
-    torch 2.13's CPU flash attention runs its backward ~5x slower in bf16 than in float32
-    (9 vs 1.6 ms a call at batch 64 x 32 positions, d_model 256), and casting to float32 and back
-    costs a third of the float32 kernel's time again. Training in bf16 therefore takes the
-    written-out product in bf16 (fwd + bwd at (512, 4, 8, 64): 5.0 ms, against 10.1 for the cast
-    flash kernel and 11.4 for bf16 flash); inference keeps the flash kernel in float32.
+    torch 2.13's CPU flash kernel multiplies blocks of queries and keys through the BLAS (MKL's AVX2
+    code on AMD), one (sentence, head) after another: small products for short sentences. It is
+    written out:
+
+    - in training, for keys shorter than :data:`TRAINING_WRITTEN_OUT_BELOW` (float32);
+    - in bf16 training, at any length: the flash kernel's bf16 backward runs ~5x slower than its
+      float32 one (9 vs 1.6 ms a call at batch 64 x 32 positions, d_model 256), and casting to
+      float32 and back costs a third of the float32 kernel's time again (fwd + bwd at (512, 4, 8,
+      64): written out in bf16 5.0 ms, against 10.1 for the cast flash kernel and 11.4 for bf16 flash);
+    - at inference, from :data:`WRITTEN_OUT_FROM` (batch x heads) matrices (bf16 inference takes
+      the flash kernel in float32).
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        if torch.is_grad_enabled() and q.requires_grad:
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if torch.is_grad_enabled() and q.requires_grad:  # training
+        if q.dtype == torch.bfloat16 or k.size(-2) < TRAINING_WRITTEN_OUT_BELOW:
             return scaled_dot_product(q, k, v, mask, dropout)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
         return out.to(torch.bfloat16)
-    if (q.device.type == "cpu" and q.size(0) * q.size(1) >= WRITTEN_OUT_FROM
-            and not (torch.is_grad_enabled() and q.requires_grad)):
+    if q.size(0) * q.size(1) >= WRITTEN_OUT_FROM:
         return scaled_dot_product(q, k, v, mask, dropout)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
+
+# Training on a CPU writes attention out below this many keys (`python benchmarks/attention_kernels.py`,
+# results/attention-kernels-epyc-avx512.md: forward + backward of ~4,000 tokens, key-padding mask,
+# 2 threads, AVX512 EPYC, ms written out / flash): 4 heads, 12 keys 8.6 / 12.5, 24: 7.0 / 8.9, 32:
+# 8.0 / 8.0, 61: 11.5 / 12.9; 8 heads, 12: 15.9 / 25.9, 32: 15.1 / 17.3, 61: 21.9 / 25.7. From 64 keys
+# the two are about even (4 heads, 64: 10.1 / 10.4), from 128 the flash kernel is faster (256: 29.3 /
+# 24.1), and it does not keep the (batch, heads, queries, keys) weights for the backward as the
+# written-out form does. Whole training steps of speed.py's models (sentences of 5-60 tokens), same
+# batches in turn: small +2.4 % (12 of 16 rounds), base even (1.002, 6 of 10).
+TRAINING_WRITTEN_OUT_BELOW = 64
 
 # Inference on a CPU writes attention out from this many (batch x heads) matrices up: torch 2.13's
 # CPU flash kernel is made for long query blocks, and a decoding step has one query per row
@@ -256,8 +275,8 @@ class MultiHeadAttention(nn.Module):
     the concatenated heads back to ``d_model``.
 
     Set ``record_weights = True`` to keep the last attention weights in
-    ``self.weights`` (``(batch, heads, query_len, key_len)``) for plots; the fast
-    path (``F.scaled_dot_product_attention``) is used otherwise.
+    ``self.weights`` (``(batch, heads, query_len, key_len)``) for plots; otherwise each call takes
+    the faster of ``F.scaled_dot_product_attention`` and the written-out product (``_attend``).
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:

@@ -91,6 +91,38 @@ def test_inference_equals_torch_multihead_attention_on_both_paths(batch, monkeyp
     assert bool(fused_calls) == (batch * 4 < attention.WRITTEN_OUT_FROM)
 
 
+@pytest.mark.parametrize("keys", [attention.TRAINING_WRITTEN_OUT_BELOW - 1, attention.TRAINING_WRITTEN_OUT_BELOW])
+def test_training_equals_torch_multihead_attention_on_both_paths(keys, monkeypatch):
+    """Training on a CPU writes attention out below TRAINING_WRITTEN_OUT_BELOW keys and takes the
+    flash kernel from there: outputs and gradients equal torch's MultiheadAttention on both."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True)
+    ours = MultiHeadAttention(16, 4)
+    _copy_from_torch(ours, theirs)
+    x, memory = torch.randn(2, keys, 16), torch.randn(2, keys, 16)
+    keep = torch.ones(2, keys, dtype=torch.bool)
+    keep[1, keys // 2:] = False
+    causal = nn.Transformer.generate_square_subsequent_mask(keys)
+    fused_calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    for module, self_attention, cross_attention in (
+            (theirs, lambda a, x: a(x, x, x, attn_mask=causal, need_weights=False)[0],
+             lambda a, x: a(x, memory, memory, key_padding_mask=~keep, need_weights=False)[0]),
+            (ours, lambda a, x: a(x, mask=subsequent_mask(keys)), lambda a, x: a(x, memory, keep[:, None, None, :]))):
+        if module is ours:  # count ours only: torch's MultiheadAttention calls the fused kernel too
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+        inputs = x.clone().requires_grad_()
+        out = self_attention(module, inputs) + cross_attention(module, inputs)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        if module is theirs:
+            expected, expected_grads = out.detach(), (inputs.grad, theirs.in_proj_weight.grad, theirs.out_proj.weight.grad)
+    torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip((inputs.grad, ours.in_proj.weight.grad, ours.out_proj.weight.grad), expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert bool(fused_calls) == (keys >= attention.TRAINING_WRITTEN_OUT_BELOW)
+
+
 def test_cross_attention_cache_computes_keys_once_and_self_cache_grows():
     attn = MultiHeadAttention(16, 4).eval()
     memory = torch.randn(2, 7, 16)
