@@ -149,7 +149,8 @@ def breakdown(name: str, steps: int, threads: int) -> list[str]:
     ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     total = sum(ops.values())
     groups = {"matrix products (oneDNN)": ("mkldnn::_linear_pointwise",),
-              "attention (CPU flash kernel, forward + backward)": ("flash_attention",),
+              "attention's own ops (flash kernel; written out: `bmm`, `where`, softmax backward)":
+                  ("flash_attention", "aten::bmm", "aten::where", "_softmax_backward_data"),
               "copies (`aten::copy_`: transposed operands, casts, layouts)": ("aten::copy_",),
               "dropout's random bits (`aten::random_`)": ("aten::random_",),
               "Adam (fused)": ("_fused_adam",)}
