@@ -103,22 +103,26 @@ def test_training_equals_torch_multihead_attention_on_both_paths(keys, monkeypat
     keep = torch.ones(2, keys, dtype=torch.bool)
     keep[1, keys // 2:] = False
     causal = nn.Transformer.generate_square_subsequent_mask(keys)
-    fused_calls = []
-    fused = torch.nn.functional.scaled_dot_product_attention
-    for module, self_attention, cross_attention in (
-            (theirs, lambda a, x: a(x, x, x, attn_mask=causal, need_weights=False)[0],
-             lambda a, x: a(x, memory, memory, key_padding_mask=~keep, need_weights=False)[0]),
-            (ours, lambda a, x: a(x, mask=subsequent_mask(keys)), lambda a, x: a(x, memory, keep[:, None, None, :]))):
-        if module is ours:  # count ours only: torch's MultiheadAttention calls the fused kernel too
-            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                                lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+
+    def outputs_and_grads(self_attention, cross_attention, weights):
         inputs = x.clone().requires_grad_()
-        out = self_attention(module, inputs) + cross_attention(module, inputs)
+        out = self_attention(inputs) + cross_attention(inputs)
         (out * torch.linspace(-1, 1, 16)).sum().backward()
-        if module is theirs:
-            expected, expected_grads = out.detach(), (inputs.grad, theirs.in_proj_weight.grad, theirs.out_proj.weight.grad)
-    torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
-    for got, want in zip((inputs.grad, ours.in_proj.weight.grad, ours.out_proj.weight.grad), expected_grads):
+        return out.detach(), [inputs.grad, *(w.grad for w in weights)]
+
+    expected, expected_grads = outputs_and_grads(
+        lambda x: theirs(x, x, x, attn_mask=causal, need_weights=False)[0],
+        lambda x: theirs(x, memory, memory, key_padding_mask=~keep, need_weights=False)[0],
+        (theirs.in_proj_weight, theirs.out_proj.weight))
+    fused_calls = []  # ours only: torch's MultiheadAttention calls the fused kernel too
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    out, grads = outputs_and_grads(lambda x: ours(x, mask=subsequent_mask(keys)),
+                                   lambda x: ours(x, memory, keep[:, None, None, :]),
+                                   (ours.in_proj.weight, ours.out_proj.weight))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert bool(fused_calls) == (keys >= attention.TRAINING_WRITTEN_OUT_BELOW)
 
