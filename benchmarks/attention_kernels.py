@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from encdec.attention import TRAINING_WRITTEN_OUT_BELOW, scaled_dot_product
+from encdec.attention import TRAINING_WRITTEN_OUT_BELOW, scaled_dot_product, subsequent_mask
 
 TOKENS = 4000
 KERNELS = {"flash": lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
@@ -34,7 +34,7 @@ def forward_backward_ms(heads: int, length: int, causal: bool, repeats: int) -> 
     batch = TOKENS // length
     qkv = torch.randn(batch, length, 3, heads, 64, generator=g, requires_grad=True)
     if causal:
-        mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        mask = subsequent_mask(length)
     else:
         lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
         mask = (torch.arange(length) < lengths[:, None])[:, None, None, :]

@@ -231,18 +231,17 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
     - at inference, from :data:`WRITTEN_OUT_FROM` (batch x heads) matrices (bf16 inference takes
       the flash kernel in float32).
     """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    if torch.is_grad_enabled() and q.requires_grad:  # training
-        if q.dtype == torch.bfloat16 or k.size(-2) < TRAINING_WRITTEN_OUT_BELOW:
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and q.requires_grad:  # training
+            written_out = q.dtype == torch.bfloat16 or k.size(-2) < TRAINING_WRITTEN_OUT_BELOW
+        elif q.dtype == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
+            return out.to(torch.bfloat16)
+        else:
+            written_out = q.size(0) * q.size(1) >= WRITTEN_OUT_FROM
+        if written_out:
             return scaled_dot_product(q, k, v, mask, dropout)[0]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    if q.dtype == torch.bfloat16:
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
-        return out.to(torch.bfloat16)
-    if q.size(0) * q.size(1) >= WRITTEN_OUT_FROM:
-        return scaled_dot_product(q, k, v, mask, dropout)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
