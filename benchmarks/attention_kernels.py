@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
 import torch
 import torch.nn.functional as F
 

@@ -32,6 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
+import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
 import torch
 import torch.nn.functional as F
 from torch import nn

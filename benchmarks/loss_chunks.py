@@ -17,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
 import torch
 
 import encdec.loss as loss_module

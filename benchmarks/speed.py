@@ -40,8 +40,9 @@ RESULT = "RESULT "  # prefix of the one stdout line a worker answers with
 def worker_peak(spec: dict) -> dict:
     """Matmul GFLOP/s in ``spec["dtype"]`` (float32 or bfloat16): the best of a few large square
     products, through ``torch.mm`` (the BLAS: MKL) and through oneDNN; the faster library's figure
-    is the machine's peak (the MFU denominator). They differ: MKL runs AVX2 code on AMD CPUs, so on
-    an AVX512 EPYC ``torch.mm`` reaches less than half of what oneDNN does in float32."""
+    is the machine's peak (the MFU denominator). With ``spec["system"] == "torch"`` the process keeps
+    MKL's default code path (the peers' ``torch.mm``: AVX2 on AMD CPUs, less than half the AVX512
+    figure on the EPYC); otherwise MKL runs its AVX512 code there too (:mod:`encdec.mkl`)."""
     import torch
     from encdec.linear import _onednn_product, onednn_available
     torch.set_num_threads(THREADS)
@@ -278,7 +279,12 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = globals()[f"worker_{args.worker[0]}"](json.loads(args.worker[1]))
+        spec = json.loads(args.worker[1])
+        if spec.get("system", "encdec").startswith("encdec"):
+            import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
+        else:  # the peers as their users run them: MKL's default path
+            os.environ["ENCDEC_MKL_AVX512"] = "0"
+        result = globals()[f"worker_{args.worker[0]}"](spec)
         if os.environ.get("RANK", "0") == "0":
             print(RESULT + json.dumps(result), flush=True)
         return
@@ -295,7 +301,9 @@ def main() -> None:
     print(f"{info['cpu']}, {THREADS} threads; measuring matmul peak", file=sys.stderr)
     sizes = [2048] if args.quick else [2048, 3072]
     peaks = in_subprocess("peak", {"sizes": sizes, "repeats": 5})
-    peak = peaks["gflops"]
+    peers_mm = in_subprocess("peak", {"sizes": sizes, "repeats": 5, "system": "torch"})["by_library"]["torch.mm"]
+    peaks["by_library"]["torch.mm, MKL's default path (the peers')"] = peers_mm
+    peak = peaks["gflops"] = max(peaks["by_library"].values())
     # bf16 rows where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16); emulated bf16 is slow
     from encdec.train import bf16_is_native
     import torch
@@ -335,7 +343,8 @@ def main() -> None:
                       "`torchrun -m encdec -- train` runs it, N processes of one thread, each with every N-th "
                       "sentence of the batch, DDP over gloo (RSS summed). `-bf16`: the same step under "
                       "`torch.autocast` bf16 (what `train.precision: bf16` and HF's `bf16=True` do). Adam, fused for every "
-                      "system (HF's Trainer defaults to it). tokens/s counts real (non-pad) "
+                      "system (HF's Trainer defaults to it). encdec's rows run MKL's AVX512 code (`encdec.mkl`), the peers' "
+                      "MKL's default path, as each system's users get it. tokens/s counts real (non-pad) "
                       f"target tokens; {warmup} warm-up steps, then up to {steps} steps or {budget} s.", "",
                       *train_table(rows, peak, peak_bf16), ""]
         if args.only != "train":

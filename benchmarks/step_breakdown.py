@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
 import torch
 
 from workload import CONFIGS, make_pairs
@@ -138,17 +139,23 @@ def breakdown(name: str, steps: int, threads: int) -> list[str]:
     wall, tokens = seconds / steps, real / steps
     mfu = 6 * params * tokens / wall / (peak * 1e9)
 
-    # 2. the products, in a process of their own (oneDNN reads ONEDNN_VERBOSE at its start)
-    per_kind, created, verbose_seconds = products_in_place(name, steps, threads)
-    around, executed, flops = (sum(e[i] for e in per_kind.values()) for i in (1, 2, 3))
+    # 2. the products, in a process of their own (oneDNN reads ONEDNN_VERBOSE at its start); where
+    # they go through the BLAS (MKL), the profiler's FLOP counts below say what there is to say
+    import encdec.linear as linear
+    on_onednn = linear.onednn_beats_blas()
+    if on_onednn:
+        per_kind, created, verbose_seconds = products_in_place(name, steps, threads)
+        around, executed, flops = (sum(e[i] for e in per_kind.values()) for i in (1, 2, 3))
 
     # 3. the rest, by op
     from torch.profiler import profile
-    with profile() as prof:
+    with profile(with_flops=True) as prof:
         timed_steps(step, batches, steps)
-    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    events = prof.key_averages()
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in events}
     total = sum(ops.values())
-    groups = {"matrix products (oneDNN)": ("mkldnn::_linear_pointwise",),
+    product_ops = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
+    groups = {f"matrix products ({'oneDNN' if on_onednn else 'MKL'})": product_ops,
               "attention's own ops (flash kernel; written out: `bmm`, `where`, softmax backward)":
                   ("flash_attention", "aten::bmm", "aten::where", "_softmax_backward_data"),
               "copies (`aten::copy_`: transposed operands, casts, layouts)": ("aten::copy_",),
@@ -163,17 +170,29 @@ def breakdown(name: str, steps: int, threads: int) -> list[str]:
              f"{c['vocab']}), {threads} thread(s)", "",
              f"- {tokens:.0f} real target tokens a step, {wall * 1e3:.0f} ms a step: {tokens / wall:.0f} tokens/s, "
              f"**MFU {mfu:.2f}** ({params / 1e6:.1f}M parameters, float32 peak {peak:.0f} GFLOP/s measured here)",
-             f"- matrix products ({flops / 1e9 / steps:.0f} GFLOP a step): {around / verbose_seconds:.0%} of the "
-             f"step around the calls ({flops / around / 1e9:.0f} GFLOP/s), {executed / verbose_seconds:.0%} in "
-             f"oneDNN's execution ({flops / executed / 1e9:.0f} GFLOP/s, {flops / executed / 1e9 / peak:.0%} of "
-             f"the peak); building products for new shapes {ms(created)} ms a step",
-             f"- ceiling: with everything but the products' execution gone, MFU "
-             f"{mfu * verbose_seconds / executed:.2f}; with the calls' glue kept, {mfu * verbose_seconds / around:.2f}",
-             "", "| products | calls/step | ms/step around the call | in oneDNN | glue | GFLOP/s in oneDNN |",
-             "|---|---|---|---|---|---|"]
-    for kind, (calls, t_around, t_exec, f) in sorted(per_kind.items()):
-        lines.append(f"| {kind} | {calls / steps:.0f} | {ms(t_around)} | {ms(t_exec)} | {ms(t_around - t_exec)} "
-                     f"| {f / t_exec / 1e9:.0f} |")
+             ""]
+    if on_onednn:
+        lines[-1:] = [
+            f"- matrix products through oneDNN ({flops / 1e9 / steps:.0f} GFLOP a step): {around / verbose_seconds:.0%} "
+            f"of the step around the calls ({flops / around / 1e9:.0f} GFLOP/s), {executed / verbose_seconds:.0%} in "
+            f"oneDNN's execution ({flops / executed / 1e9:.0f} GFLOP/s, {flops / executed / 1e9 / peak:.0%} of "
+            f"the peak); building products for new shapes {ms(created)} ms a step",
+            f"- ceiling: with everything but the products' execution gone, MFU "
+            f"{mfu * verbose_seconds / executed:.2f}; with the calls' glue kept, {mfu * verbose_seconds / around:.2f}",
+            "", "| products | calls/step | ms/step around the call | in oneDNN | glue | GFLOP/s in oneDNN |",
+            "|---|---|---|---|---|---|"]
+        for kind, (calls, t_around, t_exec, f) in sorted(per_kind.items()):
+            lines.append(f"| {kind} | {calls / steps:.0f} | {ms(t_around)} | {ms(t_exec)} | {ms(t_around - t_exec)} "
+                         f"| {f / t_exec / 1e9:.0f} |")
+    else:
+        in_products = [e for e in events if e.key in product_ops]
+        t_products = sum(e.self_cpu_time_total for e in in_products) / 1e6
+        flops = sum(e.flops for e in in_products)
+        lines[-1:] = [
+            f"- matrix products through MKL (`mm`, `addmm`; {flops / 1e9 / steps:.0f} GFLOP a step): "
+            f"{t_products / total:.0%} of the profiled step at {flops / t_products / 1e9:.0f} GFLOP/s "
+            f"({flops / t_products / 1e9 / peak:.0%} of the peak)",
+            f"- ceiling: with everything but the products gone, MFU {mfu * total / t_products:.2f}"]
     lines += ["", f"Torch profiler, self time ({total / steps * 1e3:.0f} ms a profiled step against "
               f"{wall * 1e3:.0f} unprofiled):", "", "| ops | ms/step | share |", "|---|---|---|"]
     for g, t in grouped.items():

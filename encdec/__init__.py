@@ -1,4 +1,9 @@
 """encdec: the encoder-decoder Transformer for sequence-to-sequence work."""
+# First, before anything imports torch: MKL's AVX512 code on AMD CPUs (see encdec/mkl.py).
+from .mkl import enable_avx512
+
+enable_avx512()
+
 from .attention import MultiHeadAttention, padding_mask, subsequent_mask
 from .config import ConfigError, ModelConfig, RunConfig, load_config
 from .embeddings import Embeddings, PositionalEncoding

@@ -1,12 +1,14 @@
 """Linear layers whose float32 CPU matrix products run through oneDNN where it beats the BLAS.
 
 PyTorch multiplies float32 matrices on a CPU with its BLAS (MKL in the x86 wheels), and MKL takes
-its AVX2 code on AMD processors even where they have AVX512. On this project's 2-core AMD EPYC
-(AVX512, no AMX) a 2048 x 2048 product runs at ~195 GFLOP/s through ``torch.mm`` and at ~455
+its AVX2 code on AMD processors even where they have AVX512, unless :mod:`encdec.mkl` has put it on
+its AVX512 path (``import encdec`` before ``torch``). On this project's 2-core AMD EPYC (AVX512, no
+AMX) a 2048 x 2048 product runs at ~195 GFLOP/s through ``torch.mm`` on MKL's default path, ~455
 through oneDNN, which the same wheels carry (decoding packs its weights for it:
-:mod:`encdec.inference`). Here training's products take oneDNN where :func:`onednn_beats_blas`
-finds it clearly faster on the machine, and the BLAS elsewhere (MKL runs its AVX512 code on Intel
-CPUs). Results equal ``F.linear``'s up to float rounding: the sums run in another order.
+:mod:`encdec.inference`), and ~480-506 through MKL's AVX512 path. Here training's products take
+oneDNN where :func:`onednn_beats_blas` finds it clearly faster on the machine (there: MKL on its
+default path), and the BLAS elsewhere (MKL on its AVX512 path, and on Intel CPUs). Results equal
+``F.linear``'s up to float rounding: the sums run in another order.
 
 - :func:`linear`: ``F.linear`` with autograd, oneDNN in the forward and backward products;
   :class:`Linear` is ``nn.Linear`` calling it (same parameters, same state dict).
@@ -75,8 +77,10 @@ def onednn_beats_blas() -> bool:
     between runs. The rounds alternate the libraries, so a slow spell of the machine (a shared VM
     losing its CPU for a few ms) cannot spoil all of one library's calls: timed back to back, three
     calls each, one profiling run of the base model on this VM got the BLAS and trained at ~60 % of
-    its speed. On the 2-core AVX512 EPYC: 2.2x for forward and input-gradient products, 1.2-1.9x
-    for weight gradients (their transposed operand is copied).
+    its speed. On the 2-core AVX512 EPYC against MKL's default (AVX2) path: 2.2x for forward and
+    input-gradient products, 1.2-1.9x for weight gradients (their transposed operand is copied).
+    Against MKL's AVX512 path (:mod:`encdec.mkl`) oneDNN is slower, and the BLAS is kept: whole
+    training steps of the small benchmark model ran 0.87x as fast with every product on oneDNN.
     """
     if not onednn_available():
         return False

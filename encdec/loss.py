@@ -109,11 +109,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias = p.sum(0) if grad_bias is None else grad_bias.add_(p.sum(0))
                 g = p if low_buf is None else low_buf[:h.size(0)].copy_(p)  # multiply back in the forward's precision
                 if grad_hidden is not None:
-                    grad_hidden[start:start + rows] = product(g, weight_mm.t())
+                    if onednn or grad_hidden.dtype != g.dtype:
+                        grad_hidden[start:start + rows] = product(g, weight_mm.t())
+                    else:  # the BLAS writes into the rows' slice (and below adds into the sum): no temporaries
+                        torch.mm(g, weight_mm, out=grad_hidden[start:start + rows])
                 if ctx.needs_input_grad[1]:
-                    # product_tn may hand back a transposed view: summed in its orientation, turned in backward.
-                    part = product_tn(g, h)
-                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                    if onednn:  # product_tn may hand back a transposed view: summed in its orientation, turned in backward
+                        part = product_tn(g, h)
+                        grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                    elif grad_weight is None:
+                        grad_weight = g.t() @ h
+                    else:
+                        grad_weight.addmm_(g.t(), h)
         # The terms left out above (x = hidden, W = weight, b = bias, e = eps / V):
         #   loss = sum over rows of [logsumexp(z) - (1 - eps) z[y] - e sum(z)]
         #        = -sum(log p[y]) + eps * sum(z[y]) - e * (x.sum(0) . W.sum(0) + tokens * b.sum())

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 
-from encdec import load
+from encdec import load  # before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
+import torch  # noqa: E402  (after encdec, on purpose)
 from encdec.checkpoint import average_checkpoints
 from encdec.plots import read_log
 from encdec.train import bf16_is_native

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models that run in milliseconds."""
+import encdec  # noqa: F401  first, as users do: MKL's AVX512 path on AMD CPUs (encdec/mkl.py) for every test
 import pytest
 import torch
 

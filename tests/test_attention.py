@@ -245,3 +245,21 @@ def test_beams_sharing_their_sentence_cache_equal_repeated_keys_and_values(recor
         assert not got_weights[beams:, :, :, 4:].any(), "padded source positions get no weight"
     with pytest.raises(ValueError, match="whole number of beams"):
         attn(x[:5], memory, mask, cache=shared)
+
+
+@pytest.mark.parametrize("queries", [1, 5, 9])
+def test_keys_first_scores_equal_queries_first(monkeypatch, queries):
+    """Decoding's (K Q^T)^T scores (taken where MKL runs its AVX512 code) equal Q K^T's."""
+    g = torch.Generator().manual_seed(queries)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (queries, 11, 11))
+    mask = torch.rand(3, 1, 1, 11, generator=g) > 0.3
+    mask[..., 0] = True
+    monkeypatch.setattr(attention.mkl, "enabled", lambda: False)
+    assert not attention._keys_first(q)
+    ref_out, ref_weights = attention.scaled_dot_product(q, k, v, mask)
+    monkeypatch.setattr(attention.mkl, "enabled", lambda: True)
+    assert attention._keys_first(q) == (queries <= attention.KEYS_FIRST_UP_TO)
+    assert not attention._keys_first(q.clone().requires_grad_())  # training keeps Q K^T
+    out, weights = attention.scaled_dot_product(q, k, v, mask)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)

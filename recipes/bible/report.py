@@ -11,12 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import encdec  # noqa: E402,F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
+import torch  # noqa: E402
 from encdec.checkpoint import load_model_folder  # noqa: E402
 from encdec.metrics import bleu, chrf  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402

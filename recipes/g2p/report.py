@@ -8,11 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import encdec  # noqa: E402,F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
+import torch  # noqa: E402
 from encdec.checkpoint import load_model_folder, stored_weights  # noqa: E402
 from encdec.metrics import symbol_error_rate, word_error_rate  # noqa: E402
 from encdec.plots import plot_training, read_log  # noqa: E402
