@@ -55,8 +55,8 @@ def test_torch_imported_first_or_switched_off_keeps_the_default_path():
     assert off == {"status": "MKL AVX512 path on AMD: off (ENCDEC_MKL_AVX512=0)", "consulted": 0}
 
 
-# Float32 products on both paths against float64: MKL's AVX512 kernels must be as exact as its AVX2
-# ones. Shapes of training's products (weight gradients with transposed operands, batched attention).
+# Float32 products on both paths against float64: MKL's AVX512 kernels must keep float32 precision.
+# Shapes of training's products (weight gradients with transposed operands, batched attention).
 PRODUCTS = """
 import json, encdec, torch
 from encdec import mkl
@@ -78,7 +78,9 @@ def test_products_on_either_path_match_float64(switch):
     got = run_python(PRODUCTS, ENCDEC_MKL_AVX512=switch)
     assert got["status"].endswith(": on") == (switch == "1" and shim_expected())
     for name, error in got["error"].items():
-        assert error < 1e-6, (name, error)
+        # float32 sums of up to 600 terms: ~1e-6 to 1e-5 of the largest entry; a kernel computing in
+        # bf16 or TF32 internally would be off by ~1e-3, a wrong one by far more
+        assert error < 5e-5, (name, error)
 
 
 # A whole training step (tiny model, dropout off) on both paths: same loss and gradients.
