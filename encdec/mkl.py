@@ -11,7 +11,8 @@ PyTorch is loaded. MKL then picks among its paths by the CPU's feature flags, as
 On the 2-core AMD EPYC (Zen 4: AVX512, AVX512-BF16, no AMX) this project measures on, 2 threads:
 ``torch.mm`` of 2048 x 2048 215 -> 506 GFLOP/s (oneDNN's product, which training used instead,
 ~458); attention's batched ``(268, 61, 64) @ (268, 64, 61)`` 140 -> 426. Whole training steps of
-``benchmarks/speed.py``'s models (same batches in turn): small +23 % (8 of 8 rounds), base +11 %.
+``benchmarks/speed.py``'s models, products on MKL's AVX512 path against oneDNN: small +15 to +23 %
+(two paired same-batch A/Bs, 8 of 8 rounds each), base +8 to +11 % (separate processes).
 
 It works only if it runs before PyTorch is loaded (PyTorch binds the function at import), so
 ``encdec/__init__.py`` calls it first; a program that imports ``torch`` before ``encdec`` keeps
