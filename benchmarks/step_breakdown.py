@@ -8,15 +8,16 @@ warm-up steps, over the same batches each time:
 
 1. real target tokens/s and MFU (6 x params x tokens/s / the float32 matmul peak, measured here
    as ``speed.py`` does), nothing instrumented;
-2. every matrix product (all of training's float32 products go through ``encdec.linear``'s oneDNN
-   call where oneDNN is used), in a second process run with ``ONEDNN_VERBOSE=2``: per kind
+2. where training's float32 products go through oneDNN (``encdec.linear``'s probe picks it over MKL's
+   default path), every product, in a second process run with ``ONEDNN_VERBOSE=2``: per kind
    (forward, input gradient, weight gradient; the output layer + loss's chunks apart), the time
    around the call and the time oneDNN reports for executing the product itself. The difference
    is the call's glue: a weight gradient's operand copied transposed (PyTorch's copy, one
    thread), building the product for a new shape (every batch has a new row count), allocating
    the output;
 3. the rest by op, from the torch profiler's self times (its own cost inflates the many small ops,
-   so these shares are indicative);
+   so these shares are indicative); where the products go through MKL (on its AVX512 path,
+   :mod:`encdec.mkl`), their share and FLOP rate come from here too;
 
 and the ceiling: the MFU if everything but the products took no time. Writes
 ``results/step-breakdown.md``. Measure on an idle machine: a shared VM's slow spells move single
@@ -169,10 +170,9 @@ def breakdown(name: str, steps: int, threads: int) -> list[str]:
     lines = [f"## {name} (d_model {c['d']}, ff {c['ff']}, {c['layers']}+{c['layers']} layers, vocabulary "
              f"{c['vocab']}), {threads} thread(s)", "",
              f"- {tokens:.0f} real target tokens a step, {wall * 1e3:.0f} ms a step: {tokens / wall:.0f} tokens/s, "
-             f"**MFU {mfu:.2f}** ({params / 1e6:.1f}M parameters, float32 peak {peak:.0f} GFLOP/s measured here)",
-             ""]
+             f"**MFU {mfu:.2f}** ({params / 1e6:.1f}M parameters, float32 peak {peak:.0f} GFLOP/s measured here)"]
     if on_onednn:
-        lines[-1:] = [
+        lines += [
             f"- matrix products through oneDNN ({flops / 1e9 / steps:.0f} GFLOP a step): {around / verbose_seconds:.0%} "
             f"of the step around the calls ({flops / around / 1e9:.0f} GFLOP/s), {executed / verbose_seconds:.0%} in "
             f"oneDNN's execution ({flops / executed / 1e9:.0f} GFLOP/s, {flops / executed / 1e9 / peak:.0%} of "
@@ -189,7 +189,7 @@ def breakdown(name: str, steps: int, threads: int) -> list[str]:
             timed_steps(step, batches, steps)
         flops = sum(e.flops for e in counted.key_averages() if e.key in product_ops)
         t_products = sum(e.self_cpu_time_total for e in events if e.key in product_ops) / 1e6
-        lines[-1:] = [
+        lines += [
             f"- matrix products through MKL (`mm`, `addmm`, `addmm_`; {flops / 1e9 / steps:.0f} GFLOP a step, the profiler "
             f"counting none for `addmm_`): "
             f"{t_products / total:.0%} of the profiled step at {flops / t_products / 1e9:.0f} GFLOP/s "

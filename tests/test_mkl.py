@@ -3,6 +3,7 @@
 Each case runs in a fresh interpreter, since the shim only works if it is loaded before torch.
 On a CPU the shim is not for (not AMD, no AVX512), the cases check that it stays off and says why.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +25,6 @@ def run_python(code: str, **env) -> dict:
 def shim_expected() -> bool:
     """Whether this machine is one the shim is for, and the shim was built at install."""
     vendor, flags = mkl._cpu()
-    import importlib.util
     built = importlib.util.find_spec("encdec._mkl_intel_path") is not None
     return sys.platform == "linux" and vendor == "AuthenticAMD" and "avx512f" in flags and built
 
