@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import mkl
+from . import decode_kernel, mkl
 from .linear import Linear, linear
 
 
@@ -72,6 +72,13 @@ class KVCache:
     def v(self) -> Tensor | None:
         views = self._filled()
         return None if views is None else views[1]
+
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The key and value buffers, position-major ``(capacity, batch, heads, head_dim)``; the first
+        ``len(self)`` positions are filled. Empty caches have none: fill them first."""
+        if self._k is None:
+            raise ValueError("the cache is empty: it has no buffers yet")
+        return self._k, self._v
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(batch, heads, new, head_dim)`` keys and values; returns all of them so far."""
@@ -399,7 +406,9 @@ class MultiHeadAttention(nn.Module):
         rows = x.size(0)  # the Linear layers' forward is called directly: see DecoderLayer.step
         qkv = self.in_proj.forward(x).view(rows, 3, self.heads, self.head_dim)
         k, v = cache.append_position(qkv[:, 1], qkv[:, 2])
-        out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
+        out = decode_kernel.attend_one(qkv[:, 0], *cache.buffers(), len(cache))  # (rows, heads, head_dim)
+        if out is None:
+            out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
         return self.out_proj.forward(out.reshape(rows, self.d_model))
 
     def cross_attention_step(self, x: Tensor, cache: KVCache, mask: Tensor | None) -> Tensor:
@@ -412,8 +421,10 @@ class MultiHeadAttention(nn.Module):
         if k is None:
             raise ValueError("the encoder-decoder cache is empty: fill it first (DecoderCache.fill_cross_attention)")
         groups = beams_per_sentence(rows, k.size(0))
-        q = self._queries(x).view(rows, self.heads, 1, self.head_dim)
-        out = unfold_groups(_attend(fold_groups(q, groups), k, v, mask, 0.0), groups)
+        q = self._queries(x).view(rows, self.heads, self.head_dim)
+        out = decode_kernel.attend_one(q, *cache.buffers(), len(cache), None if mask is None else mask[:, 0, 0])
+        if out is None:
+            out = unfold_groups(_attend(fold_groups(q[:, :, None], groups), k, v, mask, 0.0), groups)
         return self.out_proj.forward(out.reshape(rows, self.d_model))  # forward: see DecoderLayer.step
 
     def _attention_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
