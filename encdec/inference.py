@@ -8,7 +8,8 @@ layers (attention projections, feed-forward, output layer) are replaced by
 - :class:`PackedLinear`: float32 weights reordered once into oneDNN's blocked
   layout (measured 1.3-2.7x faster than ``F.linear`` for decoding's shapes on
   this project's 2-core CPU, for one row as well as for many; same results up to
-  float rounding), or
+  float rounding; the encoder's layers take ``F.linear`` for a whole batch of
+  sources, where MKL is faster), or
 - with ``precision="bf16"``, the same packed layers holding bfloat16 weights: each
   product rounds its input to bf16 and returns float32. On CPUs with AMX or
   AVX512-BF16 (see :func:`encdec.train.bf16_is_native`) that multiplies several
@@ -106,11 +107,16 @@ class PackedLinear(nn.Module):
     (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector kernel,
     was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
+    ``many_rows=True`` (layers that multiply whole sources: see :data:`MANY_ROWS`) keeps a plain
+    copy of the float32 weights instead of the blocks, and inputs of at least ``MANY_ROWS`` rows
+    take ``F.linear`` (MKL) on it.
+
     Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), bf16 weights stay
     plain and ``F.linear`` multiplies them: the same results, more slowly.
     """
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = 32, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, linear: nn.Linear, rows_hint: int = 32, dtype: torch.dtype = torch.float32,
+                 many_rows: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
         weight = linear.weight.detach().to(dtype)
@@ -119,15 +125,21 @@ class PackedLinear(nn.Module):
         # (out_features, in_features), in oneDNN's blocked layout where packed.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
         self.blocks = self.block_bias = None  # few rows': (threads, in, width), (threads, 1, width)
+        self.plain = None  # many rows': (out_features, in_features)
         block_rows = FEW_ROWS if weight.numel() <= SMALL_MATRIX and not packed_few_rows_are_fast() else 1
-        if self.packed and dtype == torch.float32:
+        if self.packed and dtype == torch.float32 and many_rows:
+            self.plain = weight.clone()
+        elif self.packed and dtype == torch.float32:
             self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
         self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
         # The most input elements the blocks take: one row, or a few for a small matrix.
         self._block_elements = 0 if self.blocks is None else self.in_features * block_rows
+        self._plain_elements = self.in_features * MANY_ROWS  # the fewest the plain weight takes
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
+        if self.plain is not None and x.numel() >= self._plain_elements:
+            return nn.functional.linear(x, self.plain, self.bias)
         if 0 < x.numel() <= self._block_elements:
             rows, threads = x.numel() // self.in_features, self.blocks.size(0)
             y = torch.baddbmm(self.block_bias, x.reshape(1, rows, -1).expand(threads, rows, -1), self.blocks)
@@ -146,7 +158,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed={self.packed}, block_rows={self._block_elements // self.in_features}")
+                f"dtype={self.dtype}, packed={self.packed}, block_rows={self._block_elements // self.in_features}, "
+                f"plain_from_rows={MANY_ROWS if self.plain is not None else None}")
 
 
 # Float32 matrices of at most SMALL_MATRIX weights (512 x 1024) take the column blocks for up to
@@ -154,6 +167,17 @@ class PackedLinear(nn.Module):
 # without AVX512): there they skip its fixed cost per call (see PackedLinear).
 SMALL_MATRIX = 2 ** 19
 FEW_ROWS = 8
+
+# Layers made with ``many_rows=True`` (the encoder's, and the encoder-decoder attention's key/value
+# projection: they multiply every source position at once) multiply inputs of at least MANY_ROWS
+# rows by a plain copy of the weights through ``F.linear`` (MKL) instead of the packed product:
+# 2 threads, AVX2 EPYC, 1,120 rows (a batch of 32 sources): 256 x 768 152 against 144 GFLOP/s,
+# 256 x 1024 168 against 154, 1024 x 256 173 against 140; at 160 rows the two are even, and at 32
+# MKL is slower for some shapes (256 x 1024 170 against 141 us). Whole batch-32 greedy searches,
+# paired: small model +3.9 % (8 of 10), base +3.7 % (4 of 5); below MANY_ROWS (a batch-1 source)
+# nothing changes, where taking MKL for every size cost 10 %. They keep no column blocks (they
+# never see a single row), so the plain copy costs no more memory than the blocks would.
+MANY_ROWS = 256
 
 
 @functools.cache
@@ -295,6 +319,10 @@ def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool =
             model = _quantize_int8(model)
     elif onednn_available():
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # The encoder's layers and the encoder-decoder key/value projections multiply whole sources.
+        _swap_linears(model.encoder, lambda linear: PackedLinear(linear, dtype=dtype, many_rows=True))
+        for layer in model.decoder.layers:
+            layer.cross_attn.kv_proj = PackedLinear(layer.cross_attn.kv_proj, dtype=dtype, many_rows=True)
         _swap_linears(model, lambda linear: PackedLinear(linear, dtype=dtype))
     reuse_freed_memory()
     return model

@@ -61,6 +61,32 @@ def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size,
         torch.testing.assert_close(packed(x), linear(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 7, inference.MANY_ROWS - 1, inference.MANY_ROWS, 3 * inference.MANY_ROWS])
+def test_many_rows_layers_take_the_plain_weights_from_many_rows_and_equal_linear(rows, monkeypatch):
+    linear = nn.Linear(48, 40)
+    packed = PackedLinear(linear, many_rows=True)
+    assert packed.blocks is None and packed.plain.shape == (40, 48)
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        want = linear(x)
+        calls, plain_linear = [], nn.functional.linear
+        monkeypatch.setattr(nn.functional, "linear", lambda *a: calls.append(a) or plain_linear(*a))
+        torch.testing.assert_close(packed(x), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(packed(x.view(1, rows, 48))[0], want, atol=1e-4, rtol=1e-4)
+    assert len(calls) == (2 if rows >= inference.MANY_ROWS else 0)
+
+
+def test_prepare_for_cpu_gives_the_plain_weights_to_the_layers_that_multiply_whole_sources():
+    fast = prepare_for_cpu(tiny_model())
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    many = {name for name, m in fast.named_modules() if isinstance(m, PackedLinear) and m.plain is not None}
+    everything = {name for name, m in fast.named_modules() if isinstance(m, PackedLinear)}
+    assert many == {n for n in everything if n.startswith("encoder.") or n.endswith("cross_attn.kv_proj")}
+    assert {n for n in everything if n.startswith("encoder.")} and everything - many
+
+
 INT8_KINDS = ["fbgemm", pytest.param("onednn", marks=pytest.mark.skipif(
     not int8_onednn_available(), reason="no oneDNN int8 matmul or no AMX on this CPU"))]
 
