@@ -1,7 +1,7 @@
 """Builds encdec's compiled pieces; the rest is in pyproject.toml.
 
 - ``encdec._mkl_intel_path``: the MKL code-path shim (encdec/mkl.py);
-- ``encdec._decode_attention``: decoding's one-query attention (encdec/decode_kernel.py).
+- ``encdec._decode_kernels``: decoding's one-query attention and few-row products (encdec/decode_kernels.py).
 
 Both are plain C loaded with ctypes, not Python modules. ``optional=True``: without a C compiler the
 install still succeeds; MKL then keeps its default path and decoding attends with PyTorch ops.
@@ -11,6 +11,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("encdec._mkl_intel_path", ["encdec/_mkl_intel_path.c"], optional=True),
     # OpenMP: the library needs libgomp.so.1, which resolves to the copy PyTorch has already loaded.
-    Extension("encdec._decode_attention", ["encdec/_decode_attention.c"], extra_compile_args=["-O3", "-fopenmp"],
+    Extension("encdec._decode_kernels", ["encdec/_decode_kernels.c"], extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"], optional=True),
 ])

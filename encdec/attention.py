@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode_kernel, mkl
+from . import decode_kernels, mkl
 from .linear import Linear, linear
 
 
@@ -406,7 +406,7 @@ class MultiHeadAttention(nn.Module):
         rows = x.size(0)  # the Linear layers' forward is called directly: see DecoderLayer.step
         qkv = self.in_proj.forward(x).view(rows, 3, self.heads, self.head_dim)
         k, v = cache.append_position(qkv[:, 1], qkv[:, 2])
-        out = decode_kernel.attend_one(qkv[:, 0], *cache.buffers(), len(cache))  # (rows, heads, head_dim)
+        out = decode_kernels.attend_one(qkv[:, 0], *cache.buffers(), len(cache))  # (rows, heads, head_dim)
         if out is None:
             out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
         return self.out_proj.forward(out.reshape(rows, self.d_model))
@@ -422,7 +422,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("the encoder-decoder cache is empty: fill it first (DecoderCache.fill_cross_attention)")
         groups = beams_per_sentence(rows, k.size(0))
         q = self._queries(x).view(rows, self.heads, self.head_dim)
-        out = decode_kernel.attend_one(q, *cache.buffers(), len(cache), None if mask is None else mask[:, 0, 0])
+        out = decode_kernels.attend_one(q, *cache.buffers(), len(cache), None if mask is None else mask[:, 0, 0])
         if out is None:
             out = unfold_groups(_attend(fold_groups(q[:, :, None], groups), k, v, mask, 0.0), groups)
         return self.out_proj.forward(out.reshape(rows, self.d_model))  # forward: see DecoderLayer.step

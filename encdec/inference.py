@@ -39,6 +39,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import decode_kernels
 from .allocator import reuse_freed_memory
 from .linear import Linear, onednn_available
 from .model import Transformer
@@ -107,6 +108,9 @@ class PackedLinear(nn.Module):
     (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector kernel,
     was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
 
+    Where ``encdec/_decode_kernels.c`` is built, few rows through a small matrix take
+    :func:`encdec.decode_kernels.linear_few_rows` on the same blocks instead of the batched product.
+
     ``many_rows=True`` (layers that multiply whole sources: see :data:`MANY_ROWS`) keeps a plain
     copy of the float32 weights instead of the blocks, and inputs of at least ``MANY_ROWS`` rows
     take ``F.linear`` (MKL) on it.
@@ -126,7 +130,8 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
         self.blocks = self.block_bias = None  # few rows': (threads, in, width), (threads, 1, width)
         self.plain = None  # many rows': (out_features, in_features)
-        block_rows = FEW_ROWS if weight.numel() <= SMALL_MATRIX and not packed_few_rows_are_fast() else 1
+        self._small = weight.numel() <= SMALL_MATRIX
+        block_rows = FEW_ROWS if self._small and not packed_few_rows_are_fast() else 1
         if self.packed and dtype == torch.float32 and many_rows:
             self.plain = weight.clone()
         elif self.packed and dtype == torch.float32:
@@ -142,6 +147,10 @@ class PackedLinear(nn.Module):
             return nn.functional.linear(x, self.plain, self.bias)
         if 0 < x.numel() <= self._block_elements:
             rows, threads = x.numel() // self.in_features, self.blocks.size(0)
+            if self._small:  # encdec/_decode_kernels.c, where built: see SMALL_MATRIX
+                y = decode_kernels.linear_few_rows(x.reshape(rows, -1), self.blocks, self.block_bias, self.out_features)
+                if y is not None:
+                    return y.view(*x.shape[:-1], self.out_features)
             y = torch.baddbmm(self.block_bias, x.reshape(1, rows, -1).expand(threads, rows, -1), self.blocks)
             if rows > 1:  # (threads, rows, width) -> (rows, threads, width)
                 y = y.transpose(0, 1).reshape(rows, -1)

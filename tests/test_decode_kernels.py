@@ -1,4 +1,4 @@
-"""encdec.decode_kernel: decoding's one-query attention in C, against the PyTorch ops it replaces."""
+"""encdec.decode_kernels: decoding's one-query attention and few-row products in C, against PyTorch."""
 import importlib.util
 import os
 import subprocess
@@ -7,22 +7,23 @@ import sys
 import pytest
 import torch
 
-from encdec import decode_kernel
+from encdec import decode_kernels
 from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product
+from encdec.inference import column_blocks
 from encdec.search import beam_search, greedy_search
 
 from conftest import randomize_norms, tiny_model
 
-BUILT = importlib.util.find_spec("encdec._decode_attention") is not None
-needs_kernel = pytest.mark.skipif(not decode_kernel.available(),
-                                  reason="encdec._decode_attention not built (no C compiler at install) or switched off")
+BUILT = importlib.util.find_spec("encdec._decode_kernels") is not None
+needs_kernel = pytest.mark.skipif(not decode_kernels.available(),
+                                  reason="encdec._decode_kernels not built (no C compiler at install) or switched off")
 
 
 def test_the_kernel_is_loaded_where_it_was_built_and_not_switched_off():
-    assert decode_kernel.available() == (BUILT and os.environ.get(decode_kernel.ENV_SWITCH, "1") != "0")
-    code = "import encdec.decode_kernel as k; print(k.available())"
+    assert decode_kernels.available() == (BUILT and os.environ.get(decode_kernels.ENV_SWITCH, "1") != "0")
+    code = "import encdec.decode_kernels as k; print(k.available())"
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, decode_kernel.ENV_SWITCH: "0"})
+                         env={**os.environ, decode_kernels.ENV_SWITCH: "0"})
     assert off.stdout.strip() == "False", off.stderr[-2000:]
 
 
@@ -52,7 +53,7 @@ def test_equals_scaled_dot_product_in_float64(sentences, groups, heads, dim, len
     if masked:
         allowed = torch.rand(sentences, length, generator=g) > 0.4
         allowed[:, 0] = True
-    got = decode_kernel.attend_one(qkv[:, 0], k_buf, v_buf, length, allowed)
+    got = decode_kernels.attend_one(qkv[:, 0], k_buf, v_buf, length, allowed)
     assert got.shape == (rows, heads, dim) and got.is_contiguous()
     torch.testing.assert_close(got, reference(qkv[:, 0], k_buf, v_buf, length, allowed, groups), atol=2e-6, rtol=1e-5)
 
@@ -62,10 +63,10 @@ def test_masked_keys_get_no_weight_and_a_row_with_none_left_is_nan_as_in_torch()
     k_buf, v_buf = torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
     q = torch.randn(2, 2, 8)
     allowed = torch.tensor([[True, True, False, False, False, False], [False] * 6])
-    got = decode_kernel.attend_one(q, k_buf, v_buf, 6, allowed)
+    got = decode_kernels.attend_one(q, k_buf, v_buf, 6, allowed)
     # Changing masked keys and values changes nothing.
     k_buf[2:, 0], v_buf[2:, 0] = 1e4, -1e4
-    torch.testing.assert_close(decode_kernel.attend_one(q, k_buf, v_buf, 6, allowed)[0], got[0])
+    torch.testing.assert_close(decode_kernels.attend_one(q, k_buf, v_buf, 6, allowed)[0], got[0])
     assert torch.isnan(got[1]).all()
     want = torch.softmax(torch.full((4,), float("-inf")), 0)
     assert torch.isnan(want).all()
@@ -76,17 +77,17 @@ def test_large_score_gaps_underflow_to_zero_weight_without_nan():
     k_buf = torch.zeros(3, 1, 1, 4)
     k_buf[0, 0, 0] = 100.0  # scores 100 * 10 / 2 = 500 against 0: the others' weights underflow
     v_buf = torch.arange(12, dtype=torch.float32).view(3, 1, 1, 4)
-    got = decode_kernel.attend_one(torch.full((1, 1, 4), 10.0), k_buf, v_buf, 3)
+    got = decode_kernels.attend_one(torch.full((1, 1, 4), 10.0), k_buf, v_buf, 3)
     torch.testing.assert_close(got[0, 0], v_buf[0, 0, 0])
 
 
 def test_declines_what_it_does_not_handle():
     k_buf = torch.randn(4, 2, 2, 8)
     q = torch.randn(2, 2, 8)
-    assert decode_kernel.attend_one(q.bfloat16(), k_buf.bfloat16(), k_buf.bfloat16(), 4) is None
-    assert decode_kernel.attend_one(q.requires_grad_(), k_buf, k_buf, 4) is None
-    assert decode_kernel.attend_one(torch.randn(3, 2, 8), k_buf, k_buf, 4) is None  # 3 rows for 2 sentences
-    assert decode_kernel.attend_one(torch.randn(2, 2, 8), k_buf, k_buf, 5) is None  # past the buffer
+    assert decode_kernels.attend_one(q.bfloat16(), k_buf.bfloat16(), k_buf.bfloat16(), 4) is None
+    assert decode_kernels.attend_one(q.requires_grad_(), k_buf, k_buf, 4) is None
+    assert decode_kernels.attend_one(torch.randn(3, 2, 8), k_buf, k_buf, 4) is None  # 3 rows for 2 sentences
+    assert decode_kernels.attend_one(torch.randn(2, 2, 8), k_buf, k_buf, 5) is None  # past the buffer
 
 
 @needs_kernel
@@ -98,8 +99,8 @@ def test_decoding_steps_equal_the_pytorch_path(monkeypatch, self_attention):
     if not self_attention:
         attn.split_projections()  # as prepare_for_cpu does for encoder-decoder attention
     outputs = []
-    for kernel in (decode_kernel._kernel, None):
-        monkeypatch.setattr(decode_kernel, "_kernel", kernel)
+    for kernel in (decode_kernels._kernel, None):
+        monkeypatch.setattr(decode_kernels, "_kernel", kernel)
         cache = KVCache(capacity=4)
         with torch.inference_mode():
             if self_attention:
@@ -115,13 +116,39 @@ def test_decoding_steps_equal_the_pytorch_path(monkeypatch, self_attention):
 def test_searches_find_the_same_tokens_with_and_without_it(monkeypatch):
     model = randomize_norms(tiny_model())
     src = torch.tensor([[5, 6, 7, 8, 2, 0, 0], [9, 3, 4, 10, 11, 12, 2], [4, 4, 2, 0, 0, 0, 0]])
-    found, calls, kernel = [], [], decode_kernel._kernel
+    found, calls, kernel = [], [], decode_kernels._kernel
 
     def counted(*args):
         calls.append(args)
         return kernel(*args)
     for variant in (counted, None):
-        monkeypatch.setattr(decode_kernel, "_kernel", variant)
+        monkeypatch.setattr(decode_kernels, "_kernel", variant)
         found.append((greedy_search(model, src), [[h.tokens for h in hyps] for hyps in beam_search(model, src, 4)]))
     assert found[0] == found[1]
     assert calls, "the searches did not use the kernel"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, decode_kernels.FEW_ROWS + 1))
+@pytest.mark.parametrize("size, blocks, bias", [((256, 768), 2, True), ((24, 41), 3, True), ((37, 16), 1, False),
+                                                 ((64, 100), 2, False)])
+def test_few_rows_product_equals_linear(rows, size, blocks, bias):
+    """Column blocks of any width (tiles of 16 columns and the rest; the last block padded), with and
+    without a bias, any number of blocks (one per thread when they were cut)."""
+    linear = torch.nn.Linear(*size, bias=bias)
+    weights, block_bias = column_blocks(linear.weight.detach(), linear.bias if bias else None, blocks)
+    x = torch.randn(rows, size[0])
+    got = decode_kernels.linear_few_rows(x, weights, block_bias if bias else None, size[1])
+    with torch.no_grad():
+        torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-5)
+    strided = torch.randn(rows, size[0] + 3)[:, :size[0]]  # rows further apart than their length
+    with torch.no_grad():
+        torch.testing.assert_close(decode_kernels.linear_few_rows(strided, weights, block_bias if bias else None,
+                                                                  size[1]), linear(strided), atol=1e-5, rtol=1e-5)
+
+
+def test_few_rows_product_declines_what_it_does_not_handle():
+    weights, bias = column_blocks(torch.randn(10, 6), torch.randn(10), 2)
+    assert decode_kernels.linear_few_rows(torch.randn(decode_kernels.FEW_ROWS + 1, 6), weights, bias, 10) is None
+    assert decode_kernels.linear_few_rows(torch.randn(6, 2)[:, 0][None], weights, bias, 10) is None  # strided
+    assert decode_kernels.linear_few_rows(torch.randn(2, 6).double(), weights, bias, 10) is None

@@ -1,13 +1,16 @@
-/* Decoding's attention in one pass: one query per (row, head) against the cached keys and values.
+/* Decoding's small steps in one pass each: one query per (row, head) against the cached keys and
+ * values, and a few rows times a weight matrix.
  *
- * A decoding step attends from one new position per hypothesis to the keys and values in the
- * cache (encdec/attention.py's KVCache). Written with PyTorch ops that is two batched products of
- * one-row matrices (MKL runs them as one matrix-vector product per row and head), a scale, a mask
- * and a softmax, each a call with its own temporaries; here it is one loop per (sentence, head)
- * that reads each key and value once while it is in the cache, for all of that sentence's beams.
- * See encdec/decode_kernel.py, which loads this file with ctypes and holds the measurements.
+ * A decoding step attends from one new position per hypothesis to every key and value in the cache
+ * (encdec/attention.py's KVCache). Written with PyTorch ops that is two batched products of one-row
+ * matrices (MKL runs them as one matrix-vector product per row and head), a scale, a mask and a
+ * softmax, each a call with its own temporaries; encdec_attend_one is one loop per (sentence, head)
+ * that reads each key and value once, for all of that sentence's beams. At batch 1 the step's
+ * products have one row per beam: encdec_linear_few_rows keeps their sums in registers while the
+ * weights stream by. See encdec/decode_kernels.py, which loads this file with ctypes and holds the
+ * measurements.
  *
- * Plain C, no Python or PyTorch headers. OpenMP shares the rows among PyTorch's threads: the
+ * Plain C, no Python or PyTorch headers. OpenMP shares the work among PyTorch's threads: the
  * library links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
  */
 #include <math.h>
@@ -148,5 +151,77 @@ __attribute__((visibility("default"))) int encdec_attend_one(
                          last, groups, heads, dim, len, scale, scores + first * groups * heads * len);
     }
     free(scores);
+    return 0;
+}
+
+/* TILE columns of `rows` (at most FEW) output rows, the sums kept in registers while the weights
+ * stream by: one input feature's TILE weights (contiguous in the block) times each row's input. */
+#define TILE 16
+#define FEW 8
+static inline __attribute__((always_inline)) void linear_tile(const float *x, long x_row, const int rows,
+                                                               const float *w, long in, long width, const float *bias,
+                                                               float *y, long y_row) {
+    float sums[FEW][TILE];
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < TILE; o++) sums[r][o] = bias ? bias[o] : 0.0f;
+    for (long i = 0; i < in; i++) {
+        const float *wi = w + i * width;
+        for (int r = 0; r < rows; r++) {
+            const float xi = x[r * x_row + i];
+#pragma omp simd
+            for (int o = 0; o < TILE; o++) sums[r][o] += xi * wi[o];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < TILE; o++) y[r * y_row + o] = sums[r][o];
+}
+
+/* One column block of y = x W^T + b for a few rows: see encdec_linear_few_rows. Whole tiles with the
+ * row count a constant (so each row's sums stay in registers), then the last columns plainly. */
+CLONES static void linear_block(const float *x, long x_row, long rows, const float *block, long in, long width,
+                                const float *bias, float *y, long y_row, long columns) {
+    long o = 0;
+    for (; o + TILE <= columns; o += TILE) {
+        const float *b = bias ? bias + o : NULL;
+        switch (rows) {
+            case 1: linear_tile(x, x_row, 1, block + o, in, width, b, y + o, y_row); break;
+            case 2: linear_tile(x, x_row, 2, block + o, in, width, b, y + o, y_row); break;
+            case 3: linear_tile(x, x_row, 3, block + o, in, width, b, y + o, y_row); break;
+            case 4: linear_tile(x, x_row, 4, block + o, in, width, b, y + o, y_row); break;
+            case 5: linear_tile(x, x_row, 5, block + o, in, width, b, y + o, y_row); break;
+            case 6: linear_tile(x, x_row, 6, block + o, in, width, b, y + o, y_row); break;
+            case 7: linear_tile(x, x_row, 7, block + o, in, width, b, y + o, y_row); break;
+            default: linear_tile(x, x_row, 8, block + o, in, width, b, y + o, y_row); break;
+        }
+    }
+    for (; o < columns; o++) {
+        for (long r = 0; r < rows; r++) {
+            float sum = bias ? bias[o] : 0.0f;
+            for (long i = 0; i < in; i++) sum += x[r * x_row + i] * block[i * width + o];
+            y[r * y_row + o] = sum;
+        }
+    }
+}
+
+/* y = x W^T + b for a few rows (decoding at batch 1: one row, or one per beam; at most FEW), from
+ * W^T cut into column blocks (encdec/inference.py's column_blocks).
+ *
+ * x: (rows, in), row stride x_row, last dimension contiguous. blocks: (n_blocks, in, width),
+ * contiguous: block t holds outputs t * width to (t + 1) * width - 1 (the last block padded with
+ * zero columns past `out`). bias: (n_blocks, 1, width) likewise, or NULL. y: (rows, out),
+ * contiguous. One block per thread: together the threads stream the weights at the memory's
+ * multi-core rate, where one row's matrix-vector product would run on one core. */
+__attribute__((visibility("default"))) int encdec_linear_few_rows(const float *x, long x_row, long rows,
+                                                                     const float *blocks, long n_blocks, long in,
+                                                                     long width, const float *bias, float *y,
+                                                                     long out) {
+    if (rows > FEW) return -1;
+#pragma omp parallel for schedule(static, 1)
+    for (long t = 0; t < n_blocks; t++) {
+        const long first = t * width, columns = out - first < width ? out - first : width;
+        if (columns > 0)
+            linear_block(x, x_row, rows, blocks + t * in * width, in, width, bias ? bias + first : NULL, y + first,
+                         out, columns);
+    }
     return 0;
 }
