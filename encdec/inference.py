@@ -172,10 +172,12 @@ class PackedLinear(nn.Module):
 
 
 # Float32 matrices of at most SMALL_MATRIX weights (512 x 1024) take the column blocks for up to
-# FEW_ROWS rows (beam 5 at batch 1) where oneDNN's packed product is slow for few rows (CPUs
-# without AVX512): there they skip its fixed cost per call (see PackedLinear).
+# FEW_ROWS rows (beam 5 at batch 1, a batch's last unfinished sentences) where oneDNN's packed product
+# is slow for few rows (CPUs without AVX512): there they skip its fixed cost per call (see
+# PackedLinear), through encdec.decode_kernels.linear_few_rows where it is built (up to 16 rows it
+# beat the packed product for each of the small model's matrices; at 32 it did not).
 SMALL_MATRIX = 2 ** 19
-FEW_ROWS = 8
+FEW_ROWS = 16
 
 # Layers made with ``many_rows=True`` (the encoder's, and the encoder-decoder attention's key/value
 # projection: they multiply every source position at once) multiply inputs of at least MANY_ROWS
