@@ -141,8 +141,8 @@ CLONES static void attend_sentences(const float *q, long q_row, long q_head, con
  * q: (rows, heads, dim) with strides (q_row, q_head, 1). k, v: (len, sentences, heads, dim) with
  * strides (kv_pos, kv_sentence, kv_head, 1), the same for both. allowed: (sentences, len) bytes,
  * row stride allowed_sentence, or NULL. out: (rows, heads, dim), contiguous. `threads` threads
- * (PyTorch's count: a thread's OpenMP default may differ) take equal shares of the sentences. Returns 0, or -1 if it could not allocate its scratch space (out
- * is then not written). */
+ * (PyTorch's count: a thread's OpenMP default may differ) take equal shares of the sentences.
+ * Returns 0, or -1 if it could not allocate its scratch space (out is then not written). */
 __attribute__((visibility("default"))) int encdec_attend_one(
     const float *q, long q_row, long q_head, const float *k, const float *v, long kv_pos, long kv_sentence,
     long kv_head, const unsigned char *allowed, long allowed_sentence, float *out, long sentences, long groups,

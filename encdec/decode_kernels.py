@@ -55,13 +55,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 _library = _load()
-_kernel = None if _library is None else _library.encdec_attend_one
-_linear = None if _library is None else _library.encdec_linear_few_rows
+_attend_kernel = None if _library is None else _library.encdec_attend_one
+_linear_kernel = None if _library is None else _library.encdec_linear_few_rows
 
 
 def available() -> bool:
-    """Whether the compiled kernel is loaded (built at install, not switched off)."""
-    return _kernel is not None
+    """Whether the compiled kernels are loaded (built at install, not switched off)."""
+    return _attend_kernel is not None
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, length: int, allowed: Tensor | None = None) -> Tensor | None:
@@ -79,7 +79,8 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, length: int, allowed: Tensor | N
         ``(rows, heads, head_dim)``, or ``None`` where the kernel does not apply (not built, not
         float32 on the CPU, gradients wanted, other layouts): the caller then uses PyTorch ops.
     """
-    if _kernel is None or q.dtype != _FLOAT32 or k.dtype != _FLOAT32 or q.requires_grad or q.device.type != "cpu":
+    if (_attend_kernel is None or q.dtype != _FLOAT32 or k.dtype != _FLOAT32 or q.requires_grad
+            or q.device.type != "cpu"):
         return None
     (rows, heads, dim), (capacity, sentences, *_), q_strides, kv_strides = q.shape, k.shape, q.stride(), k.stride()
     if (q_strides[2] != 1 or kv_strides[3] != 1 or v.stride() != kv_strides or k.shape[2:] != (heads, dim)
@@ -91,7 +92,7 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, length: int, allowed: Tensor | N
             return None
         mask_pointer, mask_stride = allowed.data_ptr(), allowed.stride(0)
     out = torch.empty(rows, heads, dim)
-    failed = _kernel(q.data_ptr(), q_strides[0], q_strides[1], k.data_ptr(), v.data_ptr(), *kv_strides[:3],
+    failed = _attend_kernel(q.data_ptr(), q_strides[0], q_strides[1], k.data_ptr(), v.data_ptr(), *kv_strides[:3],
                      mask_pointer, mask_stride, out.data_ptr(), sentences, rows // sentences, heads, dim, length,
                      dim ** -0.5, torch.get_num_threads())
     return None if failed else out
@@ -110,11 +111,11 @@ def linear_few_rows(x: Tensor, blocks: Tensor, block_bias: Tensor | None, out_fe
     multi-core rate. Returns ``None`` where the kernel is not loaded (the caller multiplies with
     PyTorch).
     """
-    if _linear is None or x.dim() != 2 or x.stride(1) != 1 or x.dtype != _FLOAT32:
+    if _linear_kernel is None or x.dim() != 2 or x.stride(1) != 1 or x.dtype != _FLOAT32:
         return None
     rows, (n_blocks, width) = x.size(0), (blocks.size(0), blocks.size(2))
     y = torch.empty(rows, out_features)
-    failed = _linear(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), n_blocks, blocks.size(1), width,
+    failed = _linear_kernel(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), n_blocks, blocks.size(1), width,
                      None if block_bias is None else block_bias.data_ptr(), y.data_ptr(), out_features,
                      torch.get_num_threads())
     return None if failed else y

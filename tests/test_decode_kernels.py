@@ -99,8 +99,8 @@ def test_decoding_steps_equal_the_pytorch_path(monkeypatch, self_attention):
     if not self_attention:
         attn.split_projections()  # as prepare_for_cpu does for encoder-decoder attention
     outputs = []
-    for kernel in (decode_kernels._kernel, None):
-        monkeypatch.setattr(decode_kernels, "_kernel", kernel)
+    for kernel in (decode_kernels._attend_kernel, None):
+        monkeypatch.setattr(decode_kernels, "_attend_kernel", kernel)
         cache = KVCache(capacity=4)
         with torch.inference_mode():
             if self_attention:
@@ -116,13 +116,13 @@ def test_decoding_steps_equal_the_pytorch_path(monkeypatch, self_attention):
 def test_searches_find_the_same_tokens_with_and_without_it(monkeypatch):
     model = randomize_norms(tiny_model())
     src = torch.tensor([[5, 6, 7, 8, 2, 0, 0], [9, 3, 4, 10, 11, 12, 2], [4, 4, 2, 0, 0, 0, 0]])
-    found, calls, kernel = [], [], decode_kernels._kernel
+    found, calls, kernel = [], [], decode_kernels._attend_kernel
 
     def counted(*args):
         calls.append(args)
         return kernel(*args)
     for variant in (counted, None):
-        monkeypatch.setattr(decode_kernels, "_kernel", variant)
+        monkeypatch.setattr(decode_kernels, "_attend_kernel", variant)
         found.append((greedy_search(model, src), [[h.tokens for h in hyps] for hyps in beam_search(model, src, 4)]))
     assert found[0] == found[1]
     assert calls, "the searches did not use the kernel"
