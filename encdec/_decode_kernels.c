@@ -223,7 +223,7 @@ CLONES static void linear_block(const float *x, long x_row, long rows, const flo
  * contiguous. `threads` threads (PyTorch's count) share the blocks, one each where the blocks were
  * cut for them: together they stream the weights at the memory's multi-core rate, where one row's
  * matrix-vector product would run on one core. */
-__attribute__((visibility("default"))) int encdec_linear_few_rows(const float *x, long x_row, long rows,
+__attribute__((visibility("default"))) void encdec_linear_few_rows(const float *x, long x_row, long rows,
                                                                      const float *blocks, long n_blocks, long in,
                                                                      long width, const float *bias, float *y,
                                                                      long out, long threads) {
@@ -234,5 +234,4 @@ __attribute__((visibility("default"))) int encdec_linear_few_rows(const float *x
             linear_block(x, x_row, rows, blocks + t * in * width, in, width, bias ? bias + first : NULL, y + first,
                          out, columns);
     }
-    return 0;
 }

@@ -96,18 +96,17 @@ class KVCache:
         self.length, self._views = end, None
         return self._filled()
 
-    def append_position(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def append_position(self, k: Tensor, v: Tensor) -> None:
         """Add one position's ``(batch, heads, head_dim)`` keys and values (one decoding step; any
-        strides); returns all of them so far, ``(batch, heads, len, head_dim)``.
-
-        With room left in the preallocated buffers this is one copy each, straight into them.
+        strides). With room left in the preallocated buffers this is one copy each, straight into
+        them; :attr:`k` / :attr:`v` (or :meth:`buffers`) read them back.
         """
         if self._k is None or self.length >= self._k.size(0):
-            return self.append(k.unsqueeze(2), v.unsqueeze(2))
+            self.append(k.unsqueeze(2), v.unsqueeze(2))
+            return
         self._k[self.length] = k
         self._v[self.length] = v
         self.length, self._views = self.length + 1, None
-        return self._filled()
 
     def reorder(self, index: Tensor, shared: Tensor | None = None) -> None:
         """Keep batch rows ``index`` (beam search reordering and pruning).
@@ -405,10 +404,10 @@ class MultiHeadAttention(nn.Module):
         """
         rows = x.size(0)  # the Linear layers' forward is called directly: see DecoderLayer.step
         qkv = self.in_proj.forward(x).view(rows, 3, self.heads, self.head_dim)
-        k, v = cache.append_position(qkv[:, 1], qkv[:, 2])
+        cache.append_position(qkv[:, 1], qkv[:, 2])
         out = decode_kernels.attend_one(qkv[:, 0], *cache.buffers(), len(cache))  # (rows, heads, head_dim)
-        if out is None:
-            out = _attend(qkv[:, 0, :, None], k, v, None, 0.0)  # (rows, heads, 1, head_dim)
+        if out is None:  # the cache's (rows, heads, len, head_dim) views, made only here
+            out = _attend(qkv[:, 0, :, None], cache.k, cache.v, None, 0.0)  # (rows, heads, 1, head_dim)
         return self.out_proj.forward(out.reshape(rows, self.d_model))
 
     def cross_attention_step(self, x: Tensor, cache: KVCache, mask: Tensor | None) -> Tensor:

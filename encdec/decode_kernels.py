@@ -34,8 +34,10 @@ ENV_SWITCH = "ENCDEC_DECODE_KERNELS"
 
 _FLOAT32 = torch.float32
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
-_SIGNATURE = (_ptr, _long, _long, _ptr, _ptr, _long, _long, _long, _ptr, _long, _ptr, _long, _long, _long, _long,
-              _long, ctypes.c_float, _long)
+# The C functions' parameters, in order (see encdec/_decode_kernels.c).
+_ATTEND_ARGS = (_ptr, _long, _long, _ptr, _ptr, _long, _long, _long, _ptr, _long, _ptr, _long, _long, _long, _long,
+                _long, ctypes.c_float, _long)
+_LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _long, _long)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -48,9 +50,8 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    library.encdec_attend_one.argtypes, library.encdec_attend_one.restype = _SIGNATURE, ctypes.c_int
-    library.encdec_linear_few_rows.argtypes = (_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _long, _long)
-    library.encdec_linear_few_rows.restype = ctypes.c_int
+    library.encdec_attend_one.argtypes, library.encdec_attend_one.restype = _ATTEND_ARGS, ctypes.c_int
+    library.encdec_linear_few_rows.argtypes, library.encdec_linear_few_rows.restype = _LINEAR_ARGS, None
     return library
 
 
@@ -93,8 +94,8 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, length: int, allowed: Tensor | N
         mask_pointer, mask_stride = allowed.data_ptr(), allowed.stride(0)
     out = torch.empty(rows, heads, dim)
     failed = _attend_kernel(q.data_ptr(), q_strides[0], q_strides[1], k.data_ptr(), v.data_ptr(), *kv_strides[:3],
-                     mask_pointer, mask_stride, out.data_ptr(), sentences, rows // sentences, heads, dim, length,
-                     dim ** -0.5, torch.get_num_threads())
+                            mask_pointer, mask_stride, out.data_ptr(), sentences, rows // sentences, heads, dim,
+                            length, dim ** -0.5, torch.get_num_threads())
     return None if failed else out
 
 
@@ -115,7 +116,7 @@ def linear_few_rows(x: Tensor, blocks: Tensor, block_bias: Tensor | None, out_fe
         return None
     rows, (n_blocks, width) = x.size(0), (blocks.size(0), blocks.size(2))
     y = torch.empty(rows, out_features)
-    failed = _linear_kernel(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), n_blocks, blocks.size(1), width,
-                     None if block_bias is None else block_bias.data_ptr(), y.data_ptr(), out_features,
-                     torch.get_num_threads())
-    return None if failed else y
+    _linear_kernel(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), n_blocks, blocks.size(1), width,
+                   None if block_bias is None else block_bias.data_ptr(), y.data_ptr(), out_features,
+                   torch.get_num_threads())
+    return y
