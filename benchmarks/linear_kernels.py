@@ -8,8 +8,8 @@ greedy, 160 for batch-32 beam 5) by each weight matrix. For every (rows, in, out
 median milliseconds per call of
 
 - `F.linear` (float32, MKL), `PackedLinear` float32 (what decoding uses) and bf16, and the two float32
-  products it picks between by row count: `oneDNN packed` (oneDNN blocked weights) and `column
-  blocks` (`W^T` cut into one block of output columns per thread, one batched product),
+  products it picks between: `oneDNN packed` (oneDNN blocked weights; what PackedLinear uses without
+  the C kernel) and `C panels` (`encdec.decode_kernels.linear` on `W^T` in panels of 16 columns),
 - `fbgemm int8`: torch.ao dynamic quantization (what `prepare_for_cpu(.., "int8")` falls back to),
 - `oneDNN int8`: `Int8Linear`'s oneDNN product at any row count, `quantize only`: its activation
   quantization alone (part of that time), and
@@ -31,12 +31,14 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import encdec  # noqa: F401  before torch: MKL's AVX512 code on AMD CPUs (encdec/mkl.py)
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encdec import decode_kernels
 from encdec.inference import Int8Linear, PackedLinear, int8_onednn_available, onednn_available, quantize_activations
 from encdec.train import bf16_is_native
 
@@ -83,10 +85,12 @@ def kernels(linear: nn.Linear) -> dict:
     out = {"F.linear": lambda x: F.linear(x, linear.weight, linear.bias)}
     if onednn_available():
         out["PackedLinear fp32"] = PackedLinear(linear)  # what decoding uses: one of the next two by rows
-        out["oneDNN packed"] = PackedLinear(linear)
-        out["oneDNN packed"]._block_elements = 0  # never the column blocks
-        out["column blocks"] = PackedLinear(linear)
-        out["column blocks"]._block_elements = 1 << 62  # always them
+        with mock.patch.object(decode_kernels, "available", lambda: False):
+            out["oneDNN packed"] = PackedLinear(linear)
+    if decode_kernels.available():
+        panels, bias = decode_kernels.column_panels(linear.weight.detach(), linear.bias.detach())
+        out["C panels"] = lambda x: decode_kernels.linear(x, panels, bias, linear.out_features)
+    if onednn_available():
         if bf16_is_native(torch.device("cpu")):
             out["PackedLinear bf16"] = PackedLinear(linear, dtype=torch.bfloat16)
     with warnings.catch_warnings():

@@ -1,14 +1,15 @@
 /* Decoding's small steps in one pass each: one query per (row, head) against the cached keys and
- * values, and a few rows times a weight matrix.
+ * values, and the steps' matrix products.
  *
  * A decoding step attends from one new position per hypothesis to every key and value in the cache
  * (encdec/attention.py's KVCache). Written with PyTorch ops that is two batched products of one-row
  * matrices (MKL runs them as one matrix-vector product per row and head), a scale, a mask and a
  * softmax, each a call with its own temporaries; encdec_attend_one is one loop per (sentence, head)
- * that reads each key and value once, for all of that sentence's beams. At batch 1 the step's
- * products have one row per beam: encdec_linear_few_rows keeps their sums in registers while the
- * weights stream by. See encdec/decode_kernels.py, which loads this file with ctypes and holds the
- * measurements.
+ * that reads each key and value once, for all of that sentence's beams. A step's products have one
+ * row per hypothesis (1 to a few hundred), where oneDNN's and MKL's products pay tens of
+ * microseconds a call and one-row products run on one core: encdec_linear keeps a tile's sums in
+ * registers while weights laid out for it stream by. See encdec/decode_kernels.py, which loads this
+ * file with ctypes and holds the measurements.
  *
  * Plain C, no Python or PyTorch headers. OpenMP shares the work among PyTorch's threads: the
  * library links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
@@ -161,77 +162,98 @@ __attribute__((visibility("default"))) int encdec_attend_one(
     return 0;
 }
 
-/* TILE columns of `rows` (at most FEW) output rows, the sums kept in registers while the weights
- * stream by: one input feature's TILE weights (contiguous in the block) times each row's input.
- * (At 32 rows and more oneDNN's packed product is as fast or faster: decoding's few rows only.) */
-#define TILE 16
-#define FEW 8
-static inline __attribute__((always_inline)) void linear_tile(const float *x, long x_row, const int rows,
-                                                               const float *w, long in, long width, const float *bias,
-                                                               float *y, long y_row) {
-    float sums[FEW][TILE];
+/* Products for decoding steps: y = x W^T + b with W^T in panels of PANEL output columns, each
+ * panel (in, PANEL) contiguous, so a tile's weights stream from memory in order. A tile is ROWS rows
+ * times one panel, its sums in registers: with AVX2, 6 x 2 sums, 2 registers of weights and 1 of
+ * the broadcast input are 15 of the 16 vector registers (8 rows spill, and ran 1.3-1.5x slower at
+ * 32 rows). The weights of a panel are read once per ROWS rows, from L1 after the first time. */
+#define PANEL 16
+#define ROWS 6
+static inline __attribute__((always_inline)) void panel_tile(const float *x, long x_row, const int rows,
+                                                              const float *w, long in, const float *bias, float *y,
+                                                              long y_row, int columns) {
+    float sums[ROWS][PANEL];
     for (int r = 0; r < rows; r++)
-        for (int o = 0; o < TILE; o++) sums[r][o] = bias ? bias[o] : 0.0f;
+        for (int o = 0; o < PANEL; o++) sums[r][o] = bias ? bias[o] : 0.0f;
     for (long i = 0; i < in; i++) {
-        const float *wi = w + i * width;
+        const float *wi = w + i * PANEL;
         for (int r = 0; r < rows; r++) {
             const float xi = x[r * x_row + i];
 #pragma omp simd
-            for (int o = 0; o < TILE; o++) sums[r][o] += xi * wi[o];
+            for (int o = 0; o < PANEL; o++) sums[r][o] += xi * wi[o];
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int o = 0; o < TILE; o++) y[r * y_row + o] = sums[r][o];
-}
-
-/* One column block of y = x W^T + b for a few rows: see encdec_linear_few_rows. Whole tiles with the
- * row count a constant (so each row's sums stay in registers), then the last columns plainly. */
-CLONES static void linear_block(const float *x, long x_row, long rows, const float *block, long in, long width,
-                                const float *bias, float *y, long y_row, long columns) {
-    long o = 0;
-    for (; o + TILE <= columns; o += TILE) {
-        const float *b = bias ? bias + o : NULL;
-        long r0 = 0;
-        for (; rows - r0 > FEW; r0 += FEW)  /* more rows: FEW at a time, the tile's weights from L1 again */
-            linear_tile(x + r0 * x_row, x_row, FEW, block + o, in, width, b, y + r0 * y_row + o, y_row);
-        switch (rows - r0) {
-            case 1: linear_tile(x + r0 * x_row, x_row, 1, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 2: linear_tile(x + r0 * x_row, x_row, 2, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 3: linear_tile(x + r0 * x_row, x_row, 3, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 4: linear_tile(x + r0 * x_row, x_row, 4, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 5: linear_tile(x + r0 * x_row, x_row, 5, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 6: linear_tile(x + r0 * x_row, x_row, 6, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            case 7: linear_tile(x + r0 * x_row, x_row, 7, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-            default: linear_tile(x + r0 * x_row, x_row, FEW, block + o, in, width, b, y + r0 * y_row + o, y_row); break;
-        }
-    }
-    for (; o < columns; o++) {
-        for (long r = 0; r < rows; r++) {
-            float sum = bias ? bias[o] : 0.0f;
-            for (long i = 0; i < in; i++) sum += x[r * x_row + i] * block[i * width + o];
-            y[r * y_row + o] = sum;
-        }
+    if (columns == PANEL) {  /* a constant bound: stores straight from the registers */
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < PANEL; o++) y[r * y_row + o] = sums[r][o];
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < columns; o++) y[r * y_row + o] = sums[r][o];
     }
 }
 
-/* y = x W^T + b for a few rows (decoding at batch 1: one row, or one per beam), from W^T cut into
- * column blocks (encdec/inference.py's column_blocks).
+/* One row times one panel: four partial sums over alternate input features, since one chain of
+ * additions waits out each addition's latency (1 row alone, AVX2: 2048 x 512 48 against 94 us). */
+static inline __attribute__((always_inline)) void panel_row(const float *x, const float *w, long in,
+                                                             const float *bias, float *y, int columns) {
+    float sums[4][PANEL];
+    for (int u = 0; u < 4; u++)
+        for (int o = 0; o < PANEL; o++) sums[u][o] = 0.0f;
+    long i = 0;
+    for (; i + 4 <= in; i += 4)
+        for (int u = 0; u < 4; u++) {
+            const float xi = x[i + u], *wi = w + (i + u) * PANEL;
+#pragma omp simd
+            for (int o = 0; o < PANEL; o++) sums[u][o] += xi * wi[o];
+        }
+    for (; i < in; i++)
+        for (int o = 0; o < PANEL; o++) sums[0][o] += x[i] * w[i * PANEL + o];
+    for (int o = 0; o < columns; o++)
+        y[o] = (bias ? bias[o] : 0.0f) + ((sums[0][o] + sums[1][o]) + (sums[2][o] + sums[3][o]));
+}
+
+/* Panels [first, last) for every row: see encdec_linear. Rows ROWS at a time, the row count a
+ * constant in each call so that the sums stay in registers. */
+CLONES static void multiply_panels(const float *x, long x_row, long rows, const float *panels, long in, long first,
+                                   long last, const float *bias, float *y, long out) {
+    for (long p = first; p < last; p++) {
+        const float *w = panels + p * in * PANEL, *b = bias ? bias + p * PANEL : NULL;
+        const int columns = out - p * PANEL < PANEL ? (int)(out - p * PANEL) : PANEL;
+        if (rows == 1) {
+            panel_row(x, w, in, b, y + p * PANEL, columns);
+            continue;
+        }
+        for (long r0 = 0; r0 < rows; r0 += ROWS) {
+            const float *xr = x + r0 * x_row;
+            float *yr = y + r0 * out + p * PANEL;
+            switch (rows - r0 < ROWS ? rows - r0 : ROWS) {
+                case 6: panel_tile(xr, x_row, 6, w, in, b, yr, out, columns); break;
+                case 5: panel_tile(xr, x_row, 5, w, in, b, yr, out, columns); break;
+                case 4: panel_tile(xr, x_row, 4, w, in, b, yr, out, columns); break;
+                case 3: panel_tile(xr, x_row, 3, w, in, b, yr, out, columns); break;
+                case 2: panel_tile(xr, x_row, 2, w, in, b, yr, out, columns); break;
+                default: panel_tile(xr, x_row, 1, w, in, b, yr, out, columns); break;
+            }
+        }
+    }
+}
+
+/* y = x W^T + b (a Linear layer's product) for any number of rows, from W^T in column panels
+ * (encdec/decode_kernels.py's column_panels).
  *
- * x: (rows, in), row stride x_row, last dimension contiguous. blocks: (n_blocks, in, width),
- * contiguous: block t holds outputs t * width to (t + 1) * width - 1 (the last block padded with
- * zero columns past `out`). bias: (n_blocks, 1, width) likewise, or NULL. y: (rows, out),
- * contiguous. `threads` threads (PyTorch's count) share the blocks, one each where the blocks were
- * cut for them: together they stream the weights at the memory's multi-core rate, where one row's
- * matrix-vector product would run on one core. */
-__attribute__((visibility("default"))) void encdec_linear_few_rows(const float *x, long x_row, long rows,
-                                                                     const float *blocks, long n_blocks, long in,
-                                                                     long width, const float *bias, float *y,
-                                                                     long out, long threads) {
-#pragma omp parallel for schedule(static, 1) num_threads(threads < 1 ? 1 : threads)
-    for (long t = 0; t < n_blocks; t++) {
-        const long first = t * width, columns = out - first < width ? out - first : width;
-        if (columns > 0)
-            linear_block(x, x_row, rows, blocks + t * in * width, in, width, bias ? bias + first : NULL, y + first,
-                         out, columns);
+ * x: (rows, in), row stride x_row, last dimension contiguous. panels: (n_panels, in, PANEL),
+ * contiguous: panel p holds outputs p * PANEL to p * PANEL + PANEL - 1 (the last padded with zero
+ * columns past `out`). bias: n_panels * PANEL floats (zero-padded likewise), or NULL. y: (rows,
+ * out), contiguous. `threads` threads (PyTorch's count) take equal runs of panels: for one row
+ * together they stream the weights at the memory's multi-core rate, where oneDNN's and MKL's
+ * one-row products run on one core. */
+__attribute__((visibility("default"))) void encdec_linear(const float *x, long x_row, long rows, const float *panels,
+                                                            long n_panels, long in, const float *bias, float *y,
+                                                            long out, long threads) {
+    if (threads > n_panels) threads = n_panels;
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    {
+        const long t = omp_get_thread_num(), n = omp_get_num_threads();
+        multiply_panels(x, x_row, rows, panels, in, n_panels * t / n, n_panels * (t + 1) / n, bias, y, out);
     }
 }

@@ -1,4 +1,4 @@
-"""Decoding's small steps in C: one-query attention over a KV cache, and products of a few rows.
+"""Decoding's small steps in C: one-query attention over a KV cache, and the steps' matrix products.
 
 A decoding step attends from one new position per hypothesis to every cached key and value,
 ``2 x layers`` times a step. As PyTorch ops that is two batched products of one-row matrices (MKL
@@ -6,20 +6,24 @@ runs each (row, head) as its own matrix-vector product), a scale, a mask and a s
 temporaries of their own, small enough that their fixed costs dominate. :func:`attend_one` does
 the same in one pass per (sentence, head), over the cache's buffers in place.
 
-At batch 1 each of the step's products has one row (five with beams): :func:`linear_few_rows`
-multiplies them from :class:`~encdec.inference.PackedLinear`'s column blocks, keeping each row's
-sums for 16 outputs in registers while the weights stream by (PyTorch's batched product of the
-blocks, or oneDNN's packed product, pay tens of microseconds a call: 2 threads, AVX2 EPYC, 5 rows,
-256 x 768 24 us against 57-69, 1024 x 256 41 against 81-91).
+Each of a step's products multiplies one row per live hypothesis (1 to a few hundred) by a weight
+matrix. oneDNN's packed product pays a fixed 30-45 us a call on CPUs without AVX512 and runs one
+row on one core (as does MKL's matrix-vector product). :func:`linear` multiplies from the weights
+laid out for it by :func:`column_panels` (``W^T`` in panels of 16 output columns, each contiguous),
+a tile of 6 rows x 16 columns at a time with its sums in registers, the threads taking equal runs
+of panels (2 threads, AVX2 EPYC, alone, us, oneDNN packed / this: 256 x 768 at 1 row 40 / 12, 32
+rows 130 / 94, 160 rows 455 / 446; 1024 x 256 at 32 rows 165 / 118; 512 x 2048 at 5 rows 143 /
+88; 2048 x 512 at 1 row 86 / 48; 256 x 8000 at 32 rows 1,111 / 1,069).
 
-Both are in ``encdec/_decode_kernels.c``, share the (sentence, head) pairs or the blocks among
+Both are in ``encdec/_decode_kernels.c``, share the (sentence, head) pairs or the panels among
 PyTorch's threads (OpenMP), and are built at install like :mod:`encdec.mkl`'s shim (optional:
 without a C compiler there is no library, and both functions return ``None`` so callers keep the
 PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns them off. Float32 on the CPU without gradients
 only. Results equal PyTorch's up to float rounding (they sum in another order). Measured on whole
-searches (paired, small model, AVX2 EPYC): the attention +13 % tokens/s for batch-32 greedy (10 of
-10) and +7 % for beam 5 (7 of 8); the few-row products +10 % for beam 5 at batch 1 (6 of 8),
-+1.5 % for greedy at batch 1 (6 of 10).
+searches (paired, AVX2 EPYC): the attention +13 % tokens/s for the small model's batch-32 greedy
+(10 of 10) and +7 % for beam 5 (7 of 8); the products (against oneDNN's packed product and the
+few-row kernel before them), small / base model: greedy batch 32 +22 / +13 %, beam 5 batch 32
++4 / +6 %, greedy batch 1 +32 / +28 %, beam 5 batch 1 +36 / +38 %, the same tokens.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ _long, _ptr = ctypes.c_long, ctypes.c_void_p
 # The C functions' parameters, in order (see encdec/_decode_kernels.c).
 _ATTEND_ARGS = (_ptr, _long, _long, _ptr, _ptr, _long, _long, _long, _ptr, _long, _ptr, _long, _long, _long, _long,
                 _long, ctypes.c_float, _long)
-_LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _long, _ptr, _ptr, _long, _long)
+_LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _ptr, _ptr, _long, _long)
+PANEL = 16  # output columns a panel (encdec/_decode_kernels.c's PANEL)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -51,13 +56,13 @@ def _load() -> ctypes.CDLL | None:
     except OSError:
         return None
     library.encdec_attend_one.argtypes, library.encdec_attend_one.restype = _ATTEND_ARGS, ctypes.c_int
-    library.encdec_linear_few_rows.argtypes, library.encdec_linear_few_rows.restype = _LINEAR_ARGS, None
+    library.encdec_linear.argtypes, library.encdec_linear.restype = _LINEAR_ARGS, None
     return library
 
 
 _library = _load()
 _attend_kernel = None if _library is None else _library.encdec_attend_one
-_linear_kernel = None if _library is None else _library.encdec_linear_few_rows
+_linear_kernel = None if _library is None else _library.encdec_linear
 
 
 def available() -> bool:
@@ -99,24 +104,33 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, length: int, allowed: Tensor | N
     return None if failed else out
 
 
-def linear_few_rows(x: Tensor, blocks: Tensor, block_bias: Tensor | None, out_features: int) -> Tensor | None:
-    """``x W^T + b`` for a few rows from ``W^T`` in column blocks: ``(rows, in)`` -> ``(rows, out_features)``.
+def column_panels(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """An ``(out, in)`` float32 ``weight`` as :func:`linear` reads it: ``W^T`` cut into panels of
+    :data:`PANEL` output columns, ``(ceil(out / PANEL), in, PANEL)``, contiguous, the last panel
+    padded with zero columns; and the bias zero-padded likewise to ``(ceil(out / PANEL) * PANEL,)``,
+    or ``None``. The same memory as the weight (plus the padding)."""
+    out, width = weight.shape
+    padded = weight.new_zeros(-(-out // PANEL) * PANEL, width)
+    padded[:out] = weight
+    panels = padded.view(-1, PANEL, width).transpose(1, 2).contiguous()
+    if bias is None:
+        return panels, None
+    padded_bias = bias.new_zeros(padded.size(0))
+    padded_bias[:out] = bias
+    return panels, padded_bias
 
-    Any number of rows works; up to ~16 it beats oneDNN's packed product for matrices that fit the
-    CPU's caches (2 threads, AVX2 EPYC, 16 rows: 256 x 256 31 against 60 us, 1024 x 256 102
-    against 154), from 32 rows it does not (:data:`encdec.inference.FEW_ROWS` draws the line).
 
-    ``x``: float32, last dimension contiguous; ``blocks``: ``(n_blocks, in, width)`` contiguous, and
-    ``block_bias`` ``(n_blocks, 1, width)`` or ``None``, as :func:`encdec.inference.column_blocks`
-    makes them. Each thread takes a block: together they stream the weights at the memory's
-    multi-core rate. Returns ``None`` where the kernel is not loaded (the caller multiplies with
-    PyTorch).
+def linear(x: Tensor, panels: Tensor, panel_bias: Tensor | None, out_features: int) -> Tensor | None:
+    """``x W^T + b`` from :func:`column_panels`' layout: ``(rows, in)`` -> ``(rows, out_features)``.
+
+    ``x``: float32, last dimension contiguous, any number of rows; no gradients flow through the
+    product. Returns ``None`` where the kernel is not loaded, or for other dtypes and layouts (the
+    caller multiplies with PyTorch).
     """
     if _linear_kernel is None or x.dim() != 2 or x.stride(1) != 1 or x.dtype != _FLOAT32:
         return None
-    rows, (n_blocks, width) = x.size(0), (blocks.size(0), blocks.size(2))
-    y = torch.empty(rows, out_features)
-    _linear_kernel(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), n_blocks, blocks.size(1), width,
-                   None if block_bias is None else block_bias.data_ptr(), y.data_ptr(), out_features,
+    y = torch.empty(x.size(0), out_features)
+    _linear_kernel(x.data_ptr(), x.stride(0), x.size(0), panels.data_ptr(), panels.size(0), panels.size(1),
+                   None if panel_bias is None else panel_bias.data_ptr(), y.data_ptr(), out_features,
                    torch.get_num_threads())
     return y

@@ -5,11 +5,13 @@ at each step, so its speed is set by how the matrix products read the weights.
 :func:`prepare_for_cpu` returns an inference-only copy of a model whose Linear
 layers (attention projections, feed-forward, output layer) are replaced by
 
-- :class:`PackedLinear`: float32 weights reordered once into oneDNN's blocked
-  layout (measured 1.3-2.7x faster than ``F.linear`` for decoding's shapes on
-  this project's 2-core CPU, for one row as well as for many; same results up to
-  float rounding; the encoder's layers take ``F.linear`` for a whole batch of
-  sources, where MKL is faster), or
+- :class:`PackedLinear`: float32 weights laid out once for the products decoding
+  makes: in column panels for encdec's C kernel (:func:`encdec.decode_kernels.linear`,
+  where built; 1.1-1.4x faster decoding than oneDNN's packed product on the 2-core AVX2
+  EPYC), in oneDNN's blocked layout otherwise (measured 1.3-2.7x faster than ``F.linear``
+  for decoding's shapes, for one row as well as for many); same results up to float
+  rounding; the encoder's layers take ``F.linear`` for a whole batch of sources, where
+  MKL is faster), or
 - with ``precision="bf16"``, the same packed layers holding bfloat16 weights: each
   product rounds its input to bf16 and returns float32. On CPUs with AMX or
   AVX512-BF16 (see :func:`encdec.train.bf16_is_native`) that multiplies several
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import warnings
 
 import torch
@@ -66,54 +69,30 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def column_blocks(weight: Tensor, bias: Tensor | None, blocks: int) -> tuple[Tensor, Tensor]:
-    """``W^T`` of an ``(out, in)`` ``weight`` cut into ``blocks`` equal blocks of output columns,
-    ``(blocks, in, ceil(out / blocks))``, and the bias likewise ``(blocks, 1, ceil(out / blocks))``;
-    the last block is padded with zero columns."""
-    out, width = weight.size(0), -(-weight.size(0) // max(1, min(blocks, weight.size(0))))
-    padded = weight.new_zeros(width * -(-out // width), weight.size(1))
-    padded[:out] = weight
-    padded_bias = weight.new_zeros(padded.size(0))
-    if bias is not None:
-        padded_bias[:out] = bias
-    return (padded.view(-1, width, weight.size(1)).transpose(1, 2).contiguous(),
-            padded_bias.view(-1, 1, width))
-
-
 class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` stored in oneDNN's blocked layout for CPU matrix products.
+    """``y = x W^T + b`` with ``W`` laid out once for the CPU's matrix products.
 
-    Inference only (no gradients, not saved). ``rows_hint`` is the number of input rows the
-    layout is tuned for; any number of rows and leading dimensions work. ``dtype`` is the
-    weights' and the product's precision (float32 or bfloat16); inputs and outputs are float32
-    either way.
+    Inference only (no gradients, not saved). ``rows_hint`` is the number of input rows oneDNN's
+    layout is tuned for; any number of rows and leading dimensions work. ``dtype`` is the weights'
+    and the product's precision (float32 or bfloat16); inputs and outputs are float32 either way.
 
-    A single row (batch-1 greedy decoding) in float32 takes a second copy of the weights:
-    neither oneDNN's packed product nor MKL's matrix-vector kernel splits one row between
-    threads, so both read the weights at one core's memory bandwidth. ``blocks`` holds ``W^T``
-    cut into one block of output columns per thread (``(threads, in, out / threads)``,
-    :func:`column_blocks`), and a batched product streams the blocks in parallel. On a 2-core
-    AMD EPYC without AVX512 (2 threads; one row through every decoder and output matrix in
-    turn, as a decoding step reads them), the small model's 19 MB took 0.6-1.2 ms that way
-    against 1.4-1.9 packed, the base model's 154 MB 5.9-6.9 ms (~26 GB/s, the memory's
-    2-thread read rate) against 8.4-9.1; greedy batch-1 decoding ran ~30% faster (small 244-294
-    -> 330-411 tokens/s, base 72 -> 93-95). From two rows up the packed product is as fast or
-    faster for the large matrices (base, 2-4 rows: 10.0-12.3 ms a step against 10.3-13.8). For
-    matrices of at most :data:`SMALL_MATRIX` weights the blocks also skip oneDNN's fixed cost per
-    call, so up to :data:`FEW_ROWS` rows take them where that cost is high, on CPUs without AVX512
-    (:func:`packed_few_rows_are_fast`; there, 5 rows alone: 256 x 256 21 against 59 us, 512 x 512
-    59 against 78; beam-5 batch-1 decoding of the small model 182-193 -> 204-208 tokens/s); at
-    32 rows their gain (256 x 256: 44 against 96 us alone) shrank to ~2% of a batch-32 decoding
-    and at 160 to nothing. The blocks double the float32 weights' memory.
-    (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's matrix-vector kernel,
-    was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's matrices.)
-
-    Where ``encdec/_decode_kernels.c`` is built, few rows through a small matrix take
-    :func:`encdec.decode_kernels.linear_few_rows` on the same blocks instead of the batched product.
+    Float32 where ``encdec/_decode_kernels.c`` is built: ``panels`` holds ``W^T`` in column panels
+    (:func:`encdec.decode_kernels.column_panels`) and :func:`encdec.decode_kernels.linear`
+    multiplies them, for every row count on CPUs without AVX512. There oneDNN's packed product
+    pays a fixed 30-45 us a call and runs one row on one core, and decoding's products have one row
+    per live hypothesis: whole searches, paired, 2 threads, AVX2 EPYC, small / base model, against
+    the packed product (with column blocks for up to 16 rows before): greedy batch 32 +22 / +13 %,
+    beam 5 batch 32 +4 / +6 %, greedy batch 1 +32 / +28 %, beam 5 batch 1 +36 / +38 %. With
+    AVX512 oneDNN's packed product is fast from 2 rows (:func:`packed_few_rows_are_fast`), so the
+    panels take one row only. The panels use the weights' memory once; ``weight``, in oneDNN's
+    blocked layout, is kept only where some row count goes to it (with AVX512, for bf16, or
+    without the C library). (Earlier, on a 2-core AVX512 EPYC, one row through ``F.linear``, MKL's
+    matrix-vector kernel, was 2.2x slower than packed: 2.9 against 1.3 ms for the small model's
+    matrices.)
 
     ``many_rows=True`` (layers that multiply whole sources: see :data:`MANY_ROWS`) keeps a plain
-    copy of the float32 weights instead of the blocks, and inputs of at least ``MANY_ROWS`` rows
-    take ``F.linear`` (MKL) on it.
+    copy of the float32 weights, and inputs of at least ``MANY_ROWS`` rows take ``F.linear`` (MKL)
+    on it.
 
     Where oneDNN cannot pack ``dtype`` on this CPU (:func:`onednn_packs`), bf16 weights stay
     plain and ``F.linear`` multiplies them: the same results, more slowly.
@@ -126,37 +105,31 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach().to(dtype)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
         self.packed = onednn_packs(dtype)
-        # (out_features, in_features), in oneDNN's blocked layout where packed.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
-        self.blocks = self.block_bias = None  # few rows': (threads, in, width), (threads, 1, width)
-        self.plain = None  # many rows': (out_features, in_features)
-        self._small = weight.numel() <= SMALL_MATRIX
-        block_rows = FEW_ROWS if self._small and not packed_few_rows_are_fast() else 1
-        if self.packed and dtype == torch.float32 and many_rows:
-            self.plain = weight.clone()
-        elif self.packed and dtype == torch.float32:
-            self.blocks, self.block_bias = column_blocks(weight, self.bias, torch.get_num_threads())
-        self._padded = self.blocks is not None and self.blocks.size(0) * self.blocks.size(2) != self.out_features
-        # The most input elements the blocks take: one row, or a few for a small matrix.
-        self._block_elements = 0 if self.blocks is None else self.in_features * block_rows
-        self._plain_elements = self.in_features * MANY_ROWS  # the fewest the plain weight takes
+        float32 = dtype == torch.float32
+        self.plain = weight.clone() if many_rows and self.packed and float32 else None  # (out, in)
+        plain_rows = MANY_ROWS if self.plain is not None else sys.maxsize  # the fewest rows it takes
+        self.panels = self.panel_bias = None  # (ceil(out / 16), in, 16), (ceil(out / 16) * 16,)
+        self.panel_rows = 0  # the most rows the panels take
+        if float32 and decode_kernels.available():
+            self.panels, self.panel_bias = decode_kernels.column_panels(weight, self.bias)
+            self.panel_rows = 1 if packed_few_rows_are_fast() else plain_rows - 1
+        # (out_features, in_features), in oneDNN's blocked layout where packed; None if unused.
+        self.weight = None
+        if self.panel_rows < plain_rows - 1:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if self.packed else weight.clone()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``."""
-        if self.plain is not None and x.numel() >= self._plain_elements:
+        rows = x.numel() // self.in_features
+        if self.plain is not None and rows >= MANY_ROWS:
             return nn.functional.linear(x, self.plain, self.bias)
-        if 0 < x.numel() <= self._block_elements:
-            rows, threads = x.numel() // self.in_features, self.blocks.size(0)
-            if self._small:  # encdec/_decode_kernels.c, where built: see SMALL_MATRIX
-                y = decode_kernels.linear_few_rows(x.reshape(rows, -1), self.blocks, self.block_bias, self.out_features)
-                if y is not None:
-                    return y.view(*x.shape[:-1], self.out_features)
-            y = torch.baddbmm(self.block_bias, x.reshape(1, rows, -1).expand(threads, rows, -1), self.blocks)
-            if rows > 1:  # (threads, rows, width) -> (rows, threads, width)
-                y = y.transpose(0, 1).reshape(rows, -1)
-            if self._padded:
-                y = y.reshape(rows, -1)[:, : self.out_features]
-            return y.reshape(*x.shape[:-1], self.out_features)
+        if self.panels is not None and rows <= self.panel_rows:
+            flat = x.reshape(rows, self.in_features)
+            y = decode_kernels.linear(flat, self.panels, self.panel_bias, self.out_features)
+            if y is None:  # another dtype, or a strided last dimension: a float32 copy
+                y = decode_kernels.linear(flat.float().contiguous(), self.panels, self.panel_bias,
+                                          self.out_features).to(x.dtype)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         same = x.dtype == self.dtype  # the common case: no casts (each a call, even when a no-op)
         inputs = x if same else x.to(self.dtype)
         if self.packed:
@@ -167,17 +140,9 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed={self.packed}, block_rows={self._block_elements // self.in_features}, "
+                f"dtype={self.dtype}, packed={self.packed}, panel_rows={self.panel_rows}, "
                 f"plain_from_rows={MANY_ROWS if self.plain is not None else None}")
 
-
-# Float32 matrices of at most SMALL_MATRIX weights (512 x 1024) take the column blocks for up to
-# FEW_ROWS rows (beam 5 at batch 1, a batch's last unfinished sentences) where oneDNN's packed product
-# is slow for few rows (CPUs without AVX512): there they skip its fixed cost per call (see
-# PackedLinear), through encdec.decode_kernels.linear_few_rows where it is built (up to 16 rows it
-# beat the packed product for each of the small model's matrices; at 32 it did not).
-SMALL_MATRIX = 2 ** 19
-FEW_ROWS = 16
 
 # Layers made with ``many_rows=True`` (the encoder's, and the encoder-decoder attention's key/value
 # projection: they multiply every source position at once) multiply inputs of at least MANY_ROWS
@@ -187,8 +152,9 @@ FEW_ROWS = 16
 # MKL is slower for some shapes (256 x 1024 170 against 141 us). Whole batch-32 greedy searches,
 # paired: small model +3.9 % (8 of 10), base +3.7 % (4 of 5); below MANY_ROWS (a batch-1 source)
 # nothing changes, where taking MKL for every size cost 10 %. (A second A/B of the small model read
-# +1.4 %, 6 of 10: a few per cent.) They keep no column blocks (a single row reaches them only from a
-# one-token source), so the plain copy costs no more memory than the blocks would.
+# +1.4 %, 6 of 10: a few per cent.) Against the C kernel's panels at 1,120 rows MKL is faster for the
+# small model's shapes (256 x 768 2.9 against 3.4 ms, 1024 x 256 3.7 against 4.3) and slower for the
+# base model's (512 x 1536 12.8 against 10.2, 2048 x 512 20.5 against 17.0): MKL from MANY_ROWS as before.
 MANY_ROWS = 256
 
 

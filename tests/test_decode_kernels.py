@@ -1,4 +1,4 @@
-"""encdec.decode_kernels: decoding's one-query attention and few-row products in C, against PyTorch."""
+"""encdec.decode_kernels: decoding's one-query attention and matrix products in C, against PyTorch."""
 import importlib.util
 import os
 import subprocess
@@ -9,7 +9,6 @@ import torch
 
 from encdec import decode_kernels
 from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product
-from encdec.inference import column_blocks
 from encdec.search import beam_search, greedy_search
 
 from conftest import randomize_norms, tiny_model
@@ -129,25 +128,27 @@ def test_searches_find_the_same_tokens_with_and_without_it(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 40])
-@pytest.mark.parametrize("size, blocks, bias", [((256, 768), 2, True), ((24, 41), 3, True), ((37, 16), 1, False),
-                                                 ((64, 100), 2, False)])
-def test_few_rows_product_equals_linear(rows, size, blocks, bias):
-    """Column blocks of any width (tiles of 16 columns and the rest; the last block padded), with and
-    without a bias, any number of blocks (one per thread when they were cut)."""
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 40, 161])
+@pytest.mark.parametrize("size, bias", [((256, 768), True), ((24, 41), True), ((37, 16), False), ((1030, 100), False),
+                                        ((3, 5), True)])
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_panel_product_equals_linear(rows, size, bias, threads, monkeypatch):
+    """Any number of rows (tiles of 6, the rest, one row on its own path), panels of 16 columns and a
+    padded last one, input widths that four does not divide, with and without a bias, threads
+    that do or do not divide the panels (more threads than panels too)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     linear = torch.nn.Linear(*size, bias=bias)
-    weights, block_bias = column_blocks(linear.weight.detach(), linear.bias if bias else None, blocks)
+    panels, panel_bias = decode_kernels.column_panels(linear.weight.detach(), linear.bias if bias else None)
+    assert panels.shape == (-(-size[1] // 16), size[0], 16) and (panel_bias is None) != bias
     x = torch.randn(rows, size[0])
-    got = decode_kernels.linear_few_rows(x, weights, block_bias if bias else None, size[1])
-    with torch.no_grad():
-        torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-5)
     strided = torch.randn(rows, size[0] + 3)[:, :size[0]]  # rows further apart than their length
     with torch.no_grad():
-        torch.testing.assert_close(decode_kernels.linear_few_rows(strided, weights, block_bias if bias else None,
-                                                                  size[1]), linear(strided), atol=1e-5, rtol=1e-5)
+        for inputs in (x, strided):
+            got = decode_kernels.linear(inputs, panels, panel_bias, size[1])
+            torch.testing.assert_close(got, linear(inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_few_rows_product_declines_what_it_does_not_handle():
-    weights, bias = column_blocks(torch.randn(10, 6), torch.randn(10), 2)
-    assert decode_kernels.linear_few_rows(torch.randn(6, 2)[:, 0][None], weights, bias, 10) is None  # strided
-    assert decode_kernels.linear_few_rows(torch.randn(2, 6).double(), weights, bias, 10) is None
+def test_panel_product_declines_what_it_does_not_handle():
+    panels, bias = decode_kernels.column_panels(torch.randn(10, 6), torch.randn(10))
+    assert decode_kernels.linear(torch.randn(6, 2)[:, 0][None], panels, bias, 10) is None  # strided
+    assert decode_kernels.linear(torch.randn(2, 6).double(), panels, bias, 10) is None

@@ -1,10 +1,12 @@
 """CPU inference copies: packed float32 weights give the float model's results; packed bf16 weights
 and int8 dynamic quantization convert every Linear layer and stay close to the float model."""
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from encdec import inference
+from encdec import decode_kernels, inference
 from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available, onednn_packs,
                               prepare_for_cpu, quantize_activations)
 from encdec.linear import Linear
@@ -43,22 +45,43 @@ def test_packed_float32_model_gives_the_same_results():
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 @pytest.mark.parametrize("shape", [(1,), (4,), (2, 2), (1, 1), (3, 11), (32,), (0,)])
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("size, block_rows", [((24, 41), inference.FEW_ROWS), ((1024, 601), 1)])
-@pytest.mark.parametrize("avx512", [False, True])
-def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size, block_rows, avx512, monkeypatch):
-    """Few rows take the column blocks (padded where the threads do not divide the outputs) where
-    the packed product is slow for them (no AVX512), one row for a large matrix or with AVX512,
-    more rows the packed product: each gives Linear's result."""
+@pytest.mark.parametrize("size", [(24, 41), (1024, 601)])
+@pytest.mark.parametrize("cpu", ["avx2", "avx512", "no C kernel"])
+def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size, cpu, monkeypatch):
+    """Where the C kernel is built, every row count takes its panels without AVX512 (no oneDNN copy
+    kept), one row with AVX512 (more rows the packed product); without it the packed product takes
+    all. Each gives Linear's result."""
+    if cpu != "no C kernel" and not decode_kernels.available():
+        pytest.skip("encdec/_decode_kernels.c is not built here")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(inference, "packed_few_rows_are_fast", lambda: avx512)
-    block_rows = 1 if avx512 else block_rows
+    monkeypatch.setattr(inference, "packed_few_rows_are_fast", lambda: cpu == "avx512")
+    monkeypatch.setattr(decode_kernels, "available", lambda: cpu != "no C kernel" and decode_kernels._linear_kernel)
+    calls, kernel = [], decode_kernels._linear_kernel
+    monkeypatch.setattr(decode_kernels, "_linear_kernel", lambda *args: calls.append(args[2]) or kernel(*args))
     linear = nn.Linear(*size)
     packed = PackedLinear(linear)
-    assert packed.blocks.shape == (threads, size[0], -(-size[1] // threads))
-    assert f"block_rows={block_rows}" in repr(packed)
+    panel_rows = {"avx2": sys.maxsize - 1, "avx512": 1, "no C kernel": 0}[cpu]
+    assert packed.panel_rows == panel_rows and f"panel_rows={panel_rows}" in repr(packed)
+    assert (packed.weight is None) == (cpu == "avx2")
+    if cpu != "no C kernel":
+        assert packed.panels.shape == (-(-size[1] // 16), size[0], 16)
     x = torch.randn(*shape, size[0])
     with torch.no_grad():
         torch.testing.assert_close(packed(x), linear(x), atol=1e-4, rtol=1e-4)
+    rows = x.numel() // size[0]
+    assert calls == ([rows] if cpu != "no C kernel" and rows <= panel_rows else [])
+
+
+@pytest.mark.skipif(not decode_kernels.available(), reason="encdec/_decode_kernels.c is not built here")
+def test_packed_linear_takes_other_dtypes_and_strided_inputs_through_the_panels():
+    linear = nn.Linear(24, 41)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 2 * 24)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x[:, ::2]), linear(x[:, ::2]), atol=1e-5, rtol=1e-5)
+        wide = packed(x[:, :24].double())
+        assert wide.dtype == torch.float64
+        torch.testing.assert_close(wide, linear(x[:, :24]).double(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
@@ -66,7 +89,9 @@ def test_packed_linear_equals_linear_for_few_and_many_rows(shape, threads, size,
 def test_many_rows_layers_take_the_plain_weights_from_many_rows_and_equal_linear(rows, monkeypatch):
     linear = nn.Linear(48, 40)
     packed = PackedLinear(linear, many_rows=True)
-    assert packed.blocks is None and packed.plain.shape == (40, 48)
+    assert packed.plain.shape == (40, 48)
+    assert packed.panel_rows == (0 if packed.panels is None else 1 if inference.packed_few_rows_are_fast()
+                                 else inference.MANY_ROWS - 1)
     x = torch.randn(rows, 48)
     with torch.no_grad():
         want = linear(x)
