@@ -124,7 +124,7 @@ class PackedLinear(nn.Module):
         if self.plain is not None and rows >= MANY_ROWS:
             return nn.functional.linear(x, self.plain, self.bias)
         if self.panels is not None and rows <= self.panel_rows:
-            flat = x.reshape(rows, self.in_features)
+            flat = x if x.dim() == 2 else x.reshape(rows, self.in_features)  # decoding steps' states are 2-D
             y = decode_kernels.linear(flat, self.panels, self.panel_bias, self.out_features)
             if y is None:  # another dtype, or a strided last dimension: a float32 copy
                 y = decode_kernels.linear(flat.float().contiguous(), self.panels, self.panel_bias,
