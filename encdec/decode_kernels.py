@@ -109,10 +109,10 @@ def column_panels(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor |
     :data:`PANEL` output columns, ``(ceil(out / PANEL), in, PANEL)``, contiguous, the last panel
     padded with zero columns; and the bias zero-padded likewise to ``(ceil(out / PANEL) * PANEL,)``,
     or ``None``. The same memory as the weight (plus the padding)."""
-    out, width = weight.shape
-    padded = weight.new_zeros(-(-out // PANEL) * PANEL, width)
+    (out, width), n_panels = weight.shape, -(-weight.size(0) // PANEL)
+    padded = weight.new_zeros(n_panels * PANEL, width)
     padded[:out] = weight
-    panels = padded.view(-1, PANEL, width).transpose(1, 2).contiguous()
+    panels = padded.view(n_panels, PANEL, width).transpose(1, 2).contiguous()
     if bias is None:
         return panels, None
     padded_bias = bias.new_zeros(padded.size(0))

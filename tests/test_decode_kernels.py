@@ -130,12 +130,13 @@ def test_searches_find_the_same_tokens_with_and_without_it(monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 40, 161])
 @pytest.mark.parametrize("size, bias", [((256, 768), True), ((24, 41), True), ((37, 16), False), ((1030, 100), False),
-                                        ((3, 5), True)])
+                                        ((3, 5), True), ((0, 5), True), ((5, 0), True)])
 @pytest.mark.parametrize("threads", [1, 2, 7])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # nn.Linear(0, 5)'s init
 def test_panel_product_equals_linear(rows, size, bias, threads, monkeypatch):
     """Any number of rows (tiles of 6, the rest, one row on its own path), panels of 16 columns and a
-    padded last one, input widths that four does not divide, with and without a bias, threads
-    that do or do not divide the panels (more threads than panels too)."""
+    padded last one, input widths that four does not divide, no inputs or no outputs, with and
+    without a bias, threads that do or do not divide the panels (more threads than panels too)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     linear = torch.nn.Linear(*size, bias=bias)
     panels, panel_bias = decode_kernels.column_panels(linear.weight.detach(), linear.bias if bias else None)
