@@ -1,7 +1,8 @@
 """Builds encdec's compiled pieces; the rest is in pyproject.toml.
 
 - ``encdec._mkl_intel_path``: the MKL code-path shim (encdec/mkl.py);
-- ``encdec._decode_kernels``: decoding's one-query attention and few-row products (encdec/decode_kernels.py).
+- ``encdec._decode_kernels``: decoding's one-query attention, products and fused decoder-layer step
+  (encdec/decode_kernels.py).
 
 Both are plain C loaded with ctypes, not Python modules. ``optional=True``: without a C compiler the
 install still succeeds; MKL then keeps its default path and decoding attends with PyTorch ops.

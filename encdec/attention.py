@@ -83,18 +83,34 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(batch, heads, new, head_dim)`` keys and values; returns all of them so far."""
         end = self.length + k.size(2)
-        if self._k is None or end > self._k.size(0):
-            size = max(end, self.capacity, 2 * self.length)
-            grown_k = k.new_empty(size, k.size(0), k.size(1), k.size(3))
-            grown_v = v.new_empty(grown_k.shape)
-            if self.length:
-                grown_k[: self.length] = self._k[: self.length]
-                grown_v[: self.length] = self._v[: self.length]
-            self._k, self._v = grown_k, grown_v
+        self._make_room(end, k.size(0), k.size(1), k.size(3), k)
         self._k[self.length : end] = k.permute(2, 0, 1, 3)
         self._v[self.length : end] = v.permute(2, 0, 1, 3)
         self.length, self._views = end, None
         return self._filled()
+
+    def _make_room(self, end: int, batch: int, heads: int, head_dim: int, like: Tensor) -> None:
+        """Buffers for positions up to ``end``, holding what is filled so far; new ones get
+        ``like``'s dtype and device."""
+        if self._k is None or end > self._k.size(0):
+            size = max(end, self.capacity, 2 * self.length)
+            grown_k = like.new_empty(size, batch, heads, head_dim)
+            grown_v = like.new_empty(grown_k.shape)
+            if self.length:
+                grown_k[: self.length] = self._k[: self.length]
+                grown_v[: self.length] = self._v[: self.length]
+            self._k, self._v = grown_k, grown_v
+
+    def reserve_position(self, x: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+        """The buffers (:meth:`buffers`), with room for position ``len(self)``, for a kernel that writes
+        a step's keys and values there itself (then :meth:`advance`). ``x``: the step's ``(batch,
+        d_model)`` states, whose dtype and device new buffers get."""
+        self._make_room(self.length + 1, x.size(0), heads, head_dim, x)
+        return self._k, self._v
+
+    def advance(self) -> None:
+        """Count the position a kernel wrote at ``len(self)`` (see :meth:`reserve_position`)."""
+        self.length, self._views = self.length + 1, None
 
     def append_position(self, k: Tensor, v: Tensor) -> None:
         """Add one position's ``(batch, heads, head_dim)`` keys and values (one decoding step; any

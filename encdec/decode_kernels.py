@@ -1,4 +1,5 @@
-"""Decoding's small steps in C: one-query attention over a KV cache, and the steps' matrix products.
+"""Decoding's small steps in C: one-query attention over a KV cache, the steps' matrix products, and a
+whole decoder layer's step in one call.
 
 A decoding step attends from one new position per hypothesis to every cached key and value,
 ``2 x layers`` times a step. As PyTorch ops that is two batched products of one-row matrices (MKL
@@ -13,17 +14,27 @@ laid out for it by :func:`column_panels` (``W^T`` in panels of 16 output columns
 a tile of 6 rows x 16 columns at a time with its sums in registers, the threads taking equal runs
 of panels (2 threads, AVX2 EPYC, alone, us, oneDNN packed / this: 256 x 768 at 1 row 40 / 12, 32
 rows 130 / 94, 160 rows 455 / 446; 1024 x 256 at 32 rows 165 / 118; 512 x 2048 at 5 rows 143 /
-88; 2048 x 512 at 1 row 86 / 48; 256 x 8000 at 32 rows 1,111 / 1,069).
+88; 2048 x 512 at 1 row 86 / 48; 256 x 8000 at 32 rows 1,111 / 1,069), and can apply the
+feed-forward activation to the sums before it stores them.
 
-Both are in ``encdec/_decode_kernels.c``, share the (sentence, head) pairs or the panels among
-PyTorch's threads (OpenMP), and are built at install like :mod:`encdec.mkl`'s shim (optional:
-without a C compiler there is no library, and both functions return ``None`` so callers keep the
-PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns them off. Float32 on the CPU without gradients
-only. Results equal PyTorch's up to float rounding (they sum in another order). Measured on whole
-searches (paired, AVX2 EPYC): the attention +13 % tokens/s for the small model's batch-32 greedy
-(10 of 10) and +7 % for beam 5 (7 of 8); the products (against oneDNN's packed product and the
-few-row kernel before them), small / base model: greedy batch 32 +22 / +13 %, beam 5 batch 32
-+4 / +6 %, greedy batch 1 +32 / +28 %, beam 5 batch 1 +36 / +38 %, the same tokens.
+:class:`DecoderLayerStep` runs a whole decoder layer's step (six products, the cache write, both
+attentions, three residuals and norms) in one call and one OpenMP region, the threads waiting at a
+barrier between parts instead of being handed each op anew: the ~25 PyTorch calls a layer made
+(each a few microseconds of dispatch, arguments, temporaries, and a fork and join of the threads)
+were most of a batch-1 step. Whole searches, paired, 2 threads, AVX2 EPYC, against the same
+kernels called op by op: small model greedy batch 1 2.14x tokens/s (8 of 8), beam 5 batch 1 1.67x
+(5 of 5), greedy batch 32 1.24x (6 of 6), beam 5 batch 32 1.02x (3 of 4); base model 1.40x, 1.42x,
+1.08x, 1.01x; the same tokens.
+
+All are in ``encdec/_decode_kernels.c``, share the work among PyTorch's threads (OpenMP), and are
+built at install like :mod:`encdec.mkl`'s shim (optional: without a C compiler there is no library,
+the functions return ``None`` and callers keep the PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns
+them off. Float32 on the CPU without gradients only. Results equal PyTorch's up to float rounding
+(they sum in another order). Measured on whole searches (paired, AVX2 EPYC): the attention +13 %
+tokens/s for the small model's batch-32 greedy (10 of 10) and +7 % for beam 5 (7 of 8); the products
+(against oneDNN's packed product and the few-row kernel before them), small / base model: greedy
+batch 32 +22 / +13 %, beam 5 batch 32 +4 / +6 %, greedy batch 1 +32 / +28 %, beam 5 batch 1 +36 /
++38 %, the same tokens.
 """
 from __future__ import annotations
 
@@ -41,7 +52,9 @@ _long, _ptr = ctypes.c_long, ctypes.c_void_p
 # The C functions' parameters, in order (see encdec/_decode_kernels.c).
 _ATTEND_ARGS = (_ptr, _long, _long, _ptr, _ptr, _long, _long, _long, _ptr, _long, _ptr, _long, _long, _long, _long,
                 _long, ctypes.c_float, _long)
-_LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _ptr, _ptr, _long, _long)
+_LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _ptr, _ptr, _long, _long, _long)
+_LAYER_ARGS = (_ptr, _ptr, _ptr, _long, _ptr, _ptr, _long, _long, _long, _long, _ptr, _ptr, _long, _long, _long, _long,
+               _long, _ptr, _long, _long)
 PANEL = 16  # output columns a panel (encdec/_decode_kernels.c's PANEL)
 
 
@@ -57,12 +70,15 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.encdec_attend_one.argtypes, library.encdec_attend_one.restype = _ATTEND_ARGS, ctypes.c_int
     library.encdec_linear.argtypes, library.encdec_linear.restype = _LINEAR_ARGS, None
+    library.encdec_decoder_layer_step.argtypes = _LAYER_ARGS
+    library.encdec_decoder_layer_step.restype = ctypes.c_int
     return library
 
 
 _library = _load()
 _attend_kernel = None if _library is None else _library.encdec_attend_one
 _linear_kernel = None if _library is None else _library.encdec_linear
+_layer_kernel = None if _library is None else _library.encdec_decoder_layer_step
 
 
 def available() -> bool:
@@ -120,8 +136,14 @@ def column_panels(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor |
     return panels, padded_bias
 
 
-def linear(x: Tensor, panels: Tensor, panel_bias: Tensor | None, out_features: int) -> Tensor | None:
-    """``x W^T + b`` from :func:`column_panels`' layout: ``(rows, in)`` -> ``(rows, out_features)``.
+# The activations the C code applies to a product's sums (its ACT_* codes), by encdec's names.
+ACTIVATIONS = {"relu": 1, "swish": 2, "gelu": 3}
+
+
+def linear(x: Tensor, panels: Tensor, panel_bias: Tensor | None, out_features: int,
+           activation: str | None = None) -> Tensor | None:
+    """``x W^T + b`` from :func:`column_panels`' layout: ``(rows, in)`` -> ``(rows, out_features)``,
+    passed through ``activation`` (a name in :data:`ACTIVATIONS`) if given.
 
     ``x``: float32, last dimension contiguous, any number of rows; no gradients flow through the
     product. Returns ``None`` where the kernel is not loaded, or for other dtypes and layouts (the
@@ -132,5 +154,84 @@ def linear(x: Tensor, panels: Tensor, panel_bias: Tensor | None, out_features: i
     y = torch.empty(x.size(0), out_features)
     _linear_kernel(x.data_ptr(), x.stride(0), x.size(0), panels.data_ptr(), panels.size(0), panels.size(1),
                    None if panel_bias is None else panel_bias.data_ptr(), y.data_ptr(), out_features,
-                   torch.get_num_threads())
+                   ACTIVATIONS[activation] if activation else 0, torch.get_num_threads())
     return y
+
+
+class _LayerWeights(ctypes.Structure):
+    """encdec/_decode_kernels.c's DecoderLayer."""
+    _fields_ = [("d_model", _long), ("heads", _long), ("head_dim", _long), ("ff", _long), ("pre_norm", _long),
+                ("activation", _long), ("eps", ctypes.c_double), ("panels", _ptr * 6), ("bias", _ptr * 6),
+                ("norm_weight", _ptr * 3), ("norm_bias", _ptr * 3)]
+
+
+class DecoderLayerStep:
+    """A whole decoder layer's decoding step in one C call (``encdec_decoder_layer_step``): what
+    :meth:`encdec.layers.DecoderLayer.step` computes with a dozen matrix products, attentions, norms
+    and views, each its own call and dispatch otherwise.
+
+    Args:
+        products: the ``(panels, panel_bias)`` (:func:`column_panels`) of the layer's six products in
+            order: self-attention ``W_QKV`` (``3 d_model`` outputs) and ``W_O``, encoder-decoder
+            attention ``W_Q`` and ``W_O``, feed-forward ``W_1`` (``ff``) and ``W_2``.
+        norms: the three sub-layers' layer-norm ``(weight, bias)``, each ``(d_model,)``.
+        heads: attention heads; ``activation``: a name in :data:`ACTIVATIONS`; ``pre_norm``, ``eps``: the
+            layers' norm placement and epsilon.
+        max_rows: the most rows a step takes here (more: :meth:`__call__` returns ``None``).
+    The tensors are kept (the C side holds their addresses) and must not change shape or move.
+    """
+
+    def __init__(self, products: list[tuple[Tensor, Tensor | None]], norms: list[tuple[Tensor, Tensor]], heads: int,
+                 activation: str, pre_norm: bool, eps: float, max_rows: int) -> None:
+        d_model, ff = products[0][0].size(1), products[5][0].size(1)
+        widths = (3 * d_model, d_model, d_model, d_model, ff, d_model)
+        for (panels, bias), width, inputs in zip(products, widths, (d_model,) * 5 + (ff,)):
+            if (panels.dtype != _FLOAT32 or not panels.is_contiguous()
+                    or panels.shape != (-(-width // PANEL), inputs, PANEL)):
+                raise ValueError(f"decoder layer products: panels of shape {tuple(panels.shape)}, "
+                                 f"expected ({-(-width // PANEL)}, {inputs}, {PANEL}) float32")
+        if d_model % heads or activation not in ACTIVATIONS:
+            raise ValueError(f"decoder layer: {heads} heads for d_model {d_model}, activation {activation!r}")
+        norms = [(weight.contiguous(), bias.contiguous()) for weight, bias in norms]
+        self._tensors = [t for pair in products + norms for t in pair if t is not None]  # what the C side reads
+        self.d_model, self.heads, self.head_dim, self.max_rows = d_model, heads, d_model // heads, max_rows
+
+        def address(t: Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        self._weights = _LayerWeights(
+            d_model, heads, d_model // heads, ff, int(pre_norm), ACTIVATIONS[activation], eps,
+            (_ptr * 6)(*(address(p) for p, _ in products)), (_ptr * 6)(*(address(b) for _, b in products)),
+            (_ptr * 3)(*(address(w) for w, _ in norms)), (_ptr * 3)(*(address(b) for _, b in norms)))
+        self._pointer = ctypes.pointer(self._weights)
+
+    def __call__(self, x: Tensor, self_cache, cross_cache, allowed: Tensor | None) -> Tensor | None:
+        """``x`` ``(rows, d_model)`` -> ``(rows, d_model)``, this position's keys and values appended to
+        ``self_cache`` (an :class:`encdec.attention.KVCache`); ``cross_cache`` holds the encoder-decoder
+        keys and values of ``rows / groups`` sentences, ``allowed`` ``(sentences, src_len)`` bool or
+        ``None``. ``None`` (nothing changed) where the kernel does not apply: not loaded, another
+        dtype or layout, more than ``max_rows`` rows, an empty encoder-decoder cache."""
+        rows = x.size(0)
+        if (_layer_kernel is None or x.dtype != _FLOAT32 or x.dim() != 2 or not x.is_contiguous()
+                or rows > self.max_rows or x.requires_grad or cross_cache.k is None or x.size(1) != self.d_model):
+            return None
+        ck, cv = cross_cache.buffers()
+        cross_strides, src_len = ck.stride(), len(cross_cache)
+        if cross_strides[3] != 1 or cv.stride() != cross_strides or rows % ck.size(1) or ck.dtype != _FLOAT32:
+            return None
+        mask_pointer, mask_stride = None, 0
+        if allowed is not None:
+            if allowed.dtype != torch.bool or allowed.stride(1) != 1 or allowed.shape != (ck.size(1), src_len):
+                return None
+            mask_pointer, mask_stride = allowed.data_ptr(), allowed.stride(0)
+        k, v = self_cache.reserve_position(x, self.heads, self.head_dim)  # all checked: room for one more
+        self_strides = k.stride()
+        if k.size(1) != rows or self_strides[3] != 1 or v.stride() != self_strides or k.dtype != _FLOAT32:
+            return None
+        y = torch.empty(rows, self.d_model)
+        if _layer_kernel(self._pointer, x.data_ptr(), y.data_ptr(), rows, k.data_ptr(), v.data_ptr(), *self_strides[:3],
+                         len(self_cache), ck.data_ptr(), cv.data_ptr(), *cross_strides[:3], src_len, rows // ck.size(1),
+                         mask_pointer, mask_stride, torch.get_num_threads()):
+            return None
+        self_cache.advance()
+        return y

@@ -28,7 +28,8 @@ layers (attention projections, feed-forward, output layer) are replaced by
   of float32 with oneDNN (it keeps fbgemm's int8 copy too, for inputs of few rows),
   a quarter with fbgemm alone.
 
-Embeddings, layer norm and softmax stay float32.
+Embeddings, layer norm and softmax stay float32. In float32 with the C kernels built, each decoder
+layer's decoding step also becomes one C call (:func:`fused_decoder_step`).
 
 It also tunes glibc's allocator (:func:`encdec.allocator.reuse_freed_memory`).
 """
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from . import decode_kernels
 from .allocator import reuse_freed_memory
 from .linear import Linear, onednn_available
+from .layers import DecoderLayer
 from .model import Transformer
 
 
@@ -271,6 +273,24 @@ def _plain_linear(linear: Linear) -> nn.Linear:
     return plain
 
 
+def fused_decoder_step(layer: DecoderLayer) -> decode_kernels.DecoderLayerStep | None:
+    """``layer``'s decoding step in one C call (:class:`encdec.decode_kernels.DecoderLayerStep`), where
+    its six products all have float32 panels (``None`` elsewhere: bf16, no C kernels, other layers).
+    It takes as many rows as every product's panels do (all, without AVX512; one with it, where
+    oneDNN's packed product is faster from two rows).
+    """
+    attn, cross, ff = layer.self_attn, layer.cross_attn, layer.feed_forward
+    linears = (attn.in_proj, attn.out_proj, cross.q_proj, cross.out_proj, ff.w_1, ff.w_2)
+    if (not all(isinstance(linear, PackedLinear) and linear.panels is not None for linear in linears)
+            or ff.activation_name not in decode_kernels.ACTIVATIONS):
+        return None
+    norms = [sublayer.norm for sublayer in layer.sublayers]
+    return decode_kernels.DecoderLayerStep(
+        [(linear.panels, linear.panel_bias) for linear in linears], [(norm.weight, norm.bias) for norm in norms],
+        attn.heads, ff.activation_name, layer.sublayers[0].pre_norm, norms[0].eps,
+        max_rows=min(linear.panel_rows for linear in linears))
+
+
 def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool = False) -> Transformer:
     """An inference-only copy of ``model`` whose Linear layers are packed float32, packed bf16 or int8.
 
@@ -304,5 +324,7 @@ def prepare_for_cpu(model: Transformer, precision: str = "fp32", inplace: bool =
         for layer in model.decoder.layers:
             layer.cross_attn.kv_proj = PackedLinear(layer.cross_attn.kv_proj, dtype=dtype, many_rows=True)
         _swap_linears(model, lambda linear: PackedLinear(linear, dtype=dtype))
+        for layer in model.decoder.layers:
+            layer.fused_step = fused_decoder_step(layer)
     reuse_freed_memory()
     return model

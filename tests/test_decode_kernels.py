@@ -9,6 +9,8 @@ import torch
 
 from encdec import decode_kernels
 from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product
+from encdec.inference import prepare_for_cpu
+from encdec.layers import ACTIVATIONS
 from encdec.search import beam_search, greedy_search
 
 from conftest import randomize_norms, tiny_model
@@ -153,3 +155,112 @@ def test_panel_product_declines_what_it_does_not_handle():
     panels, bias = decode_kernels.column_panels(torch.randn(10, 6), torch.randn(10))
     assert decode_kernels.linear(torch.randn(6, 2)[:, 0][None], panels, bias, 10) is None  # strided
     assert decode_kernels.linear(torch.randn(2, 6).double(), panels, bias, 10) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_panel_product_applies_the_activation(activation, rows):
+    linear = torch.nn.Linear(40, 37)
+    panels, panel_bias = decode_kernels.column_panels(linear.weight.detach(), linear.bias.detach())
+    x = torch.randn(rows, 40) * 8  # sums far out on both sides (swish's exponential clamps above 88)
+    x[0, :] = torch.linspace(-400, 400, 40)
+    with torch.no_grad():
+        want = ACTIVATIONS[activation](linear(x))
+    torch.testing.assert_close(decode_kernels.linear(x, panels, panel_bias, 37, activation), want,
+                               atol=2e-5, rtol=2e-5)
+
+
+def fused_pair(**config):
+    """A CPU-prepared random model whose decoder layers have their fused C step, and one without."""
+    model = randomize_norms(tiny_model(**config))
+    fused, plain = prepare_for_cpu(model), prepare_for_cpu(model)
+    for layer in plain.decoder.layers:
+        layer.fused_step = None
+    assert all(layer.fused_step is not None for layer in fused.decoder.layers)
+    return fused, plain
+
+
+@needs_kernel
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+@pytest.mark.parametrize("beams, masked, capacity", [(1, True, 0), (3, True, 8), (2, False, 3)])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_fused_decoder_layer_step_equals_the_python_step(norm, activation, beams, masked, capacity, threads,
+                                                         monkeypatch):
+    """Each layer's output and its self-attention cache, step after step: a cache that grows
+    (capacity 0 or smaller than the steps) or is preallocated, beams sharing a sentence's keys, padded
+    or unpadded sources, more threads than rows or sentences."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    fused, plain = fused_pair(norm=norm, activation=activation, heads=2 if beams == 2 else 4)
+    src = torch.tensor([[5, 6, 7, 8, 2, 0, 0], [9, 3, 4, 10, 11, 12, 2], [4, 4, 2, 0, 0, 0, 0]])
+    if not masked:
+        src = src[1:2]
+    mask = padding_mask(src, 0)
+    rows = src.size(0) * beams
+    outputs, caches = [], []
+    with torch.inference_mode():
+        for model in (fused, plain):
+            cache = model.new_cache(capacity)
+            cache.fill_cross_attention(model.decoder, model.encode(src, mask))
+            tokens = torch.arange(rows) % 15 + 3
+            outputs.append(torch.stack([model.decode_step(tokens + t, cache, mask if masked else None)
+                                        for t in range(5)]))
+            caches.append(cache)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-5, rtol=2e-5)
+    for fused_cache, plain_cache in zip(caches[0].self_attn, caches[1].self_attn):
+        assert len(fused_cache) == len(plain_cache) == 5
+        torch.testing.assert_close(fused_cache.k, plain_cache.k, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(fused_cache.v, plain_cache.v, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+def test_fused_decoder_layer_step_declines_what_it_does_not_handle():
+    fused, _ = fused_pair()
+    layer, step = fused.decoder.layers[0], fused.decoder.layers[0].fused_step
+    memory = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        self_cache, cross_cache = KVCache(4), KVCache()
+        assert step(torch.randn(2, 32), self_cache, cross_cache, None) is None  # no encoder keys yet
+        cross_cache.append(*layer.cross_attn.project_keys_values(memory))
+        assert step(torch.randn(3, 32), self_cache, cross_cache, None) is None  # 3 rows for 2 sentences
+        assert step(torch.randn(2, 32).double(), self_cache, cross_cache, None) is None
+        assert step(torch.randn(2, 64)[:, ::2], self_cache, cross_cache, None) is None  # strided
+        assert step(torch.randn(2, 32), self_cache, cross_cache, torch.ones(2, 4, dtype=torch.bool)) is None
+        step.max_rows = 1
+        assert step(torch.randn(2, 32), self_cache, cross_cache, None) is None
+        assert len(self_cache) == 0
+        step.max_rows = 2
+        assert step(torch.randn(2, 32), self_cache, cross_cache, torch.ones(2, 5, dtype=torch.bool)).shape == (2, 32)
+        assert len(self_cache) == 1
+    panels = [(linear.panels, linear.panel_bias) for linear in (layer.self_attn.in_proj, layer.self_attn.out_proj,
+                                                                 layer.cross_attn.q_proj, layer.cross_attn.out_proj,
+                                                                 layer.feed_forward.w_1, layer.feed_forward.w_2)]
+    norms = [(s.norm.weight, s.norm.bias) for s in layer.sublayers]
+    with pytest.raises(ValueError, match="panels of shape"):
+        decode_kernels.DecoderLayerStep(panels[::-1], norms, 4, "relu", False, 1e-5, 8)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        decode_kernels.DecoderLayerStep(panels, norms, 4, "tanh", False, 1e-5, 8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_searches_find_the_same_tokens_with_and_without_the_fused_step(norm, monkeypatch):
+    fused, plain = fused_pair(norm=norm, activation="swish")
+    src = torch.tensor([[5, 6, 7, 8, 2, 0, 0], [9, 3, 4, 10, 11, 12, 2], [4, 4, 2, 0, 0, 0, 0]])
+    calls, kernel = [], decode_kernels._layer_kernel
+    monkeypatch.setattr(decode_kernels, "_layer_kernel", lambda *args: calls.append(args[3]) or kernel(*args))
+    found = [(greedy_search(model, src, max_len_extra=12),
+              [[h.tokens for h in hyps] for hyps in beam_search(model, src, beam_size=4, n_best=2, max_len_extra=12)])
+             for model in (fused, plain)]
+    assert found[0] == found[1]
+    assert 3 in calls and 12 in calls  # greedy's 3 rows, beam search's 3 x 4
+
+
+def test_prepare_for_cpu_fuses_decoder_steps_only_where_every_product_has_panels(monkeypatch):
+    fp32 = prepare_for_cpu(tiny_model())
+    assert all((layer.fused_step is not None) == decode_kernels.available() for layer in fp32.decoder.layers)
+    int8 = prepare_for_cpu(tiny_model(), "int8")
+    assert all(layer.fused_step is None for layer in int8.decoder.layers)
+    monkeypatch.setattr(decode_kernels, "available", lambda: False)  # no C library: no panels, no fused step
+    assert all(layer.fused_step is None for layer in prepare_for_cpu(tiny_model()).decoder.layers)
