@@ -66,6 +66,138 @@ static inline float activate(float x, int activation) {
     return x;
 }
 
+/* Products for decoding steps: y = x W^T + b with W^T in panels of PANEL output columns, each
+ * panel (in, PANEL) contiguous, so a tile's weights stream from memory in order. A tile is ROWS rows
+ * times one panel, its sums in registers: with AVX2, 6 x 2 sums, 2 registers of weights and 1 of
+ * the broadcast input are 15 of the 16 vector registers (8 rows spill, and ran 1.3-1.5x slower at
+ * 32 rows). The weights of a panel are read once per ROWS rows, from L1 after the first time. */
+#define PANEL 16
+#define ROWS 6
+static inline __attribute__((always_inline)) void panel_tile(const float *x, long x_row, const int rows,
+                                                              const float *w, long w_row, long in, const float *bias,
+                                                              float *y, long y_row, int columns, int activation) {
+    float sums[ROWS][PANEL];
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < PANEL; o++) sums[r][o] = bias ? bias[o] : 0.0f;
+    for (long i = 0; i < in; i++) {
+        const float *wi = w + i * w_row;
+        for (int r = 0; r < rows; r++) {
+            const float xi = x[r * x_row + i];
+#pragma omp simd
+            for (int o = 0; o < PANEL; o++) sums[r][o] += xi * wi[o];
+        }
+    }
+    switch (activation) {  /* a constant in each loop, so that each vectorizes */
+        case ACT_RELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_RELU); break;
+        case ACT_SWISH: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_SWISH); break;
+        case ACT_GELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_GELU); break;
+        default: break;
+    }
+    if (columns == PANEL) {  /* a constant bound: stores straight from the registers */
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < PANEL; o++) y[r * y_row + o] = sums[r][o];
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < columns; o++) y[r * y_row + o] = sums[r][o];
+    }
+}
+
+/* One row times one panel: four partial sums over alternate input features, since one chain of
+ * additions waits out each addition's latency (1 row alone, AVX2: 2048 x 512 48 against 94 us). */
+static inline __attribute__((always_inline)) void panel_row(const float *x, const float *w, long w_row, long in,
+                                                             const float *bias, float *y, int columns, int activation) {
+    float sums[4][PANEL];
+    for (int u = 0; u < 4; u++)
+        for (int o = 0; o < PANEL; o++) sums[u][o] = 0.0f;
+    long i = 0;
+    for (; i + 4 <= in; i += 4)
+        for (int u = 0; u < 4; u++) {
+            const float xi = x[i + u], *wi = w + (i + u) * w_row;
+#pragma omp simd
+            for (int o = 0; o < PANEL; o++) sums[u][o] += xi * wi[o];
+        }
+    for (; i < in; i++)
+        for (int o = 0; o < PANEL; o++) sums[0][o] += x[i] * w[i * w_row + o];
+    for (int o = 0; o < columns; o++)
+        y[o] = activate((bias ? bias[o] : 0.0f) + ((sums[0][o] + sums[1][o]) + (sums[2][o] + sums[3][o])), activation);
+}
+
+/* Panels [first, last) for every row: y[r, o] = x[r, :] . W^T[:, o] (+ bias[o]), activated. Panel p
+ * starts at w + p * panel_step, its input row i at + i * w_row, 16 floats (the columns past
+ * `columns` of a last, partial panel are read and ignored: they must be readable); y's rows are
+ * y_row floats apart and hold `out` columns. Rows ROWS at a time, the row count a constant in each
+ * call so that the sums stay in registers. Inlined, so that the products' strides are constants. */
+static inline __attribute__((always_inline)) void multiply_tiles(const float *x, long x_row, long rows, const float *w,
+                                                                 long panel_step, long w_row, long in, long first,
+                                                                 long last, const float *bias, float *y, long y_row,
+                                                                 long out, int activation) {
+    for (long p = first; p < last; p++) {
+        const float *wp = w + p * panel_step, *b = bias ? bias + p * PANEL : NULL;
+        const int columns = out - p * PANEL < PANEL ? (int)(out - p * PANEL) : PANEL;
+        if (rows == 1) {
+            panel_row(x, wp, w_row, in, b, y + p * PANEL, columns, activation);
+            continue;
+        }
+        for (long r0 = 0; r0 < rows; r0 += ROWS) {
+            const float *xr = x + r0 * x_row;
+            float *yr = y + r0 * y_row + p * PANEL;
+            switch (rows - r0 < ROWS ? rows - r0 : ROWS) {
+                case 6: panel_tile(xr, x_row, 6, wp, w_row, in, b, yr, y_row, columns, activation); break;
+                case 5: panel_tile(xr, x_row, 5, wp, w_row, in, b, yr, y_row, columns, activation); break;
+                case 4: panel_tile(xr, x_row, 4, wp, w_row, in, b, yr, y_row, columns, activation); break;
+                case 3: panel_tile(xr, x_row, 3, wp, w_row, in, b, yr, y_row, columns, activation); break;
+                case 2: panel_tile(xr, x_row, 2, wp, w_row, in, b, yr, y_row, columns, activation); break;
+                default: panel_tile(xr, x_row, 1, wp, w_row, in, b, yr, y_row, columns, activation); break;
+            }
+        }
+    }
+}
+
+/* A Linear layer's panels [first, last) (column_panels' layout: panel p at p * in * PANEL, rows of
+ * PANEL floats) for every row; y (rows, out) contiguous. */
+CLONES static void multiply_panels(const float *x, long x_row, long rows, const float *panels, long in, long first,
+                                   long last, const float *bias, float *y, long out, int activation) {
+    multiply_tiles(x, x_row, rows, panels, in * PANEL, PANEL, in, first, last, bias, y, out, out, activation);
+}
+
+/* y = x W^T + b (a Linear layer's product) for any number of rows, from W^T in column panels
+ * (encdec/decode_kernels.py's column_panels).
+ *
+ * x: (rows, in), row stride x_row, last dimension contiguous. panels: (n_panels, in, PANEL),
+ * contiguous: panel p holds outputs p * PANEL to p * PANEL + PANEL - 1 (the last padded with zero
+ * columns past `out`). bias: n_panels * PANEL floats (zero-padded likewise), or NULL. y: (rows,
+ * out), contiguous; `activation` (ACT_*) is applied to each sum before it is stored. `threads`
+ * threads (PyTorch's count) take equal runs of panels: for one row together they stream the weights at the memory's multi-core rate, where oneDNN's and MKL's
+ * one-row products run on one core. */
+__attribute__((visibility("default"))) void encdec_linear(const float *x, long x_row, long rows, const float *panels,
+                                                            long n_panels, long in, const float *bias, float *y,
+                                                            long out, long activation, long threads) {
+    if (threads > n_panels) threads = n_panels;
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    {
+        const long t = omp_get_thread_num(), n = omp_get_num_threads();
+        multiply_panels(x, x_row, rows, panels, in, n_panels * t / n, n_panels * (t + 1) / n, bias, y, out,
+                        (int)activation);
+    }
+}
+
+/* A row of scores -> their softmax, in place. */
+static inline void softmax(float *row, long len) {
+    float top = -INFINITY, total = 0.0f;
+    for (long j = 0; j < len; j++) top = row[j] > top ? row[j] : top;
+    if (top == -INFINITY) {  /* every key masked: PyTorch's softmax gives NaN, so do we */
+        for (long j = 0; j < len; j++) row[j] = NAN;
+        return;
+    }
+#pragma omp simd reduction(+ : total)
+    for (long j = 0; j < len; j++) {
+        row[j] = exp_float(row[j] - top);
+        total += row[j];
+    }
+    const float inverse = 1.0f / total;
+    for (long j = 0; j < len; j++) row[j] *= inverse;
+}
+
 /* The n (1 to 4) positions from p on, `stride` floats apart, as four pointers; the slots past the
  * n-th repeat the n-th (the loops below compute four at a time and ignore those slots' results). */
 static inline void four_positions(const float *p, long stride, long n, const float *four[4]) {
@@ -115,21 +247,7 @@ CLONES static void attend_sentences(const float *q, long q_row, long q_head, con
         }
     }
     const long queries = (last - first) * groups * heads;
-    for (long i = 0; i < queries; i++) {  /* softmax over each query's row of scores */
-        float *row = scores + i * len, top = -INFINITY, total = 0.0f;
-        for (long j = 0; j < len; j++) top = row[j] > top ? row[j] : top;
-        if (top == -INFINITY) {  /* every key masked: PyTorch's softmax gives NaN, so do we */
-            for (long j = 0; j < len; j++) row[j] = NAN;
-            continue;
-        }
-#pragma omp simd reduction(+ : total)
-        for (long j = 0; j < len; j++) {
-            row[j] = exp_float(row[j] - top);
-            total += row[j];
-        }
-        const float inverse = 1.0f / total;
-        for (long j = 0; j < len; j++) row[j] *= inverse;
-    }
+    for (long i = 0; i < queries; i++) softmax(scores + i * len, len);
     float *block = out + first * groups * heads * dim;  /* these rows' outputs, contiguous */
     for (long i = 0; i < queries * dim; i++) block[i] = 0.0f;
     for (long j0 = 0; j0 < len; j0 += 4) {  /* four values at a time: one read and write of the output */
@@ -153,6 +271,67 @@ CLONES static void attend_sentences(const float *q, long q_row, long q_head, con
     }
 }
 
+/* Sentences [first, last), every head, as attend_sentences computes them, for sentences with several
+ * query rows each (beams, or a whole source attending to itself): per (sentence, head), the keys
+ * transposed into panels of 16 (zero-padded; `scratch`: ceil(len / 16) * 16 * dim + groups * len
+ * floats), then two tiled products as encdec_linear makes them, scores = Q K^T and out = weights V
+ * (V's rows read in place: dim a multiple of PANEL). The one-query loops above sum each dot product
+ * across a vector's lanes, 4 keys at a time; here each product keeps 6 x 16 sums in registers. */
+CLONES static void attend_blocks(const float *q, long q_row, long q_head, const float *k, const float *v,
+                                 long kv_pos, long kv_sentence, long kv_head, const unsigned char *allowed,
+                                 long allowed_sentence, float *out, long first, long last, long groups, long heads,
+                                 long dim, long len, float scale, float *scratch) {
+    const long chunks = (len + PANEL - 1) / PANEL;
+    float *keys = scratch, *scores = scratch + chunks * PANEL * dim;
+    for (long s = first; s < last; s++)
+        for (long h = 0; h < heads; h++) {
+            const float *ks = k + s * kv_sentence + h * kv_head, *vs = v + s * kv_sentence + h * kv_head;
+            for (long j = 0; j < chunks * PANEL; j++) {  /* keys[c][d][o] = K[c * 16 + o][d] */
+                float *column = keys + (j / PANEL) * dim * PANEL + j % PANEL;
+                if (j < len)
+                    for (long d = 0; d < dim; d++) column[d * PANEL] = ks[j * kv_pos + d];
+                else
+                    for (long d = 0; d < dim; d++) column[d * PANEL] = 0.0f;
+            }
+            multiply_tiles(q + s * groups * q_row + h * q_head, q_row, groups, keys, dim * PANEL, PANEL, dim, 0,
+                           chunks, NULL, scores, len, len, ACT_NONE);
+            for (long g = 0; g < groups; g++) {
+                float *row = scores + g * len;
+                for (long j = 0; j < len; j++)
+                    row[j] = allowed != NULL && !allowed[s * allowed_sentence + j] ? -INFINITY : row[j] * scale;
+                softmax(row, len);
+            }
+            multiply_tiles(scores, len, groups, vs, PANEL, kv_pos, len, 0, dim / PANEL, NULL,
+                           out + (s * groups * heads + h) * dim, heads * dim, dim, ACT_NONE);
+        }
+}
+
+/* Sentences with at least this many query rows each attend in blocks (attend_blocks): a source's
+ * positions, not a sentence's 5 beams, where the transposition costs more than it saves (see
+ * encdec/decode_kernels.py for the measurements). */
+#define BLOCK_GROUPS 8
+
+static inline int in_blocks(long groups, long dim) { return groups >= BLOCK_GROUPS && dim % PANEL == 0; }
+
+/* Floats of scratch space a thread needs to attend for up to `sentences` sentences. */
+static inline long attention_scratch(long sentences, long groups, long heads, long dim, long len) {
+    return in_blocks(groups, dim) ? (len + PANEL - 1) / PANEL * PANEL * dim + groups * len
+                                  : sentences * groups * heads * len;
+}
+
+/* Sentences [first, last) of encdec_attend_one; `scratch`: attention_scratch(last - first, ...) floats. */
+static void attend(const float *q, long q_row, long q_head, const float *k, const float *v, long kv_pos,
+                   long kv_sentence, long kv_head, const unsigned char *allowed, long allowed_sentence, float *out,
+                   long first, long last, long groups, long heads, long dim, long len, float scale, float *scratch) {
+    if (first >= last) return;
+    if (in_blocks(groups, dim))
+        attend_blocks(q, q_row, q_head, k, v, kv_pos, kv_sentence, kv_head, allowed, allowed_sentence, out, first,
+                      last, groups, heads, dim, len, scale, scratch);
+    else
+        attend_sentences(q, q_row, q_head, k, v, kv_pos, kv_sentence, kv_head, allowed, allowed_sentence, out, first,
+                         last, groups, heads, dim, len, scale, scratch);
+}
+
 /* out[r, h] = softmax(q[r, h] . k[:, s, h] * scale, masked) @ v[:, s, h] for every row r and head
  * h, where s = r / groups is the row's sentence (its beams are consecutive rows).
  *
@@ -165,121 +344,18 @@ __attribute__((visibility("default"))) int encdec_attend_one(
     const float *q, long q_row, long q_head, const float *k, const float *v, long kv_pos, long kv_sentence,
     long kv_head, const unsigned char *allowed, long allowed_sentence, float *out, long sentences, long groups,
     long heads, long dim, long len, float scale, long threads) {
-    float *scores = malloc(sizeof(float) * (sentences * groups * heads * len + 1));
-    if (scores == NULL) return -1;
     if (threads > sentences) threads = sentences;
     if (threads < 1) threads = 1;
+    const long share = attention_scratch((sentences + threads - 1) / threads, groups, heads, dim, len);
+    float *scratch = malloc(sizeof(float) * (threads * share + 1));
+    if (scratch == NULL) return -1;
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
-    for (long t = 0; t < threads; t++) {
-        const long first = sentences * t / threads, last = sentences * (t + 1) / threads;
-        attend_sentences(q, q_row, q_head, k, v, kv_pos, kv_sentence, kv_head, allowed, allowed_sentence, out, first,
-                         last, groups, heads, dim, len, scale, scores + first * groups * heads * len);
-    }
-    free(scores);
+    for (long t = 0; t < threads; t++)
+        attend(q, q_row, q_head, k, v, kv_pos, kv_sentence, kv_head, allowed, allowed_sentence, out,
+               sentences * t / threads, sentences * (t + 1) / threads, groups, heads, dim, len, scale,
+               scratch + t * share);
+    free(scratch);
     return 0;
-}
-
-/* Products for decoding steps: y = x W^T + b with W^T in panels of PANEL output columns, each
- * panel (in, PANEL) contiguous, so a tile's weights stream from memory in order. A tile is ROWS rows
- * times one panel, its sums in registers: with AVX2, 6 x 2 sums, 2 registers of weights and 1 of
- * the broadcast input are 15 of the 16 vector registers (8 rows spill, and ran 1.3-1.5x slower at
- * 32 rows). The weights of a panel are read once per ROWS rows, from L1 after the first time. */
-#define PANEL 16
-#define ROWS 6
-static inline __attribute__((always_inline)) void panel_tile(const float *x, long x_row, const int rows,
-                                                              const float *w, long in, const float *bias, float *y,
-                                                              long y_row, int columns, int activation) {
-    float sums[ROWS][PANEL];
-    for (int r = 0; r < rows; r++)
-        for (int o = 0; o < PANEL; o++) sums[r][o] = bias ? bias[o] : 0.0f;
-    for (long i = 0; i < in; i++) {
-        const float *wi = w + i * PANEL;
-        for (int r = 0; r < rows; r++) {
-            const float xi = x[r * x_row + i];
-#pragma omp simd
-            for (int o = 0; o < PANEL; o++) sums[r][o] += xi * wi[o];
-        }
-    }
-    switch (activation) {  /* a constant in each loop, so that each vectorizes */
-        case ACT_RELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_RELU); break;
-        case ACT_SWISH: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_SWISH); break;
-        case ACT_GELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_GELU); break;
-        default: break;
-    }
-    if (columns == PANEL) {  /* a constant bound: stores straight from the registers */
-        for (int r = 0; r < rows; r++)
-            for (int o = 0; o < PANEL; o++) y[r * y_row + o] = sums[r][o];
-    } else {
-        for (int r = 0; r < rows; r++)
-            for (int o = 0; o < columns; o++) y[r * y_row + o] = sums[r][o];
-    }
-}
-
-/* One row times one panel: four partial sums over alternate input features, since one chain of
- * additions waits out each addition's latency (1 row alone, AVX2: 2048 x 512 48 against 94 us). */
-static inline __attribute__((always_inline)) void panel_row(const float *x, const float *w, long in,
-                                                             const float *bias, float *y, int columns, int activation) {
-    float sums[4][PANEL];
-    for (int u = 0; u < 4; u++)
-        for (int o = 0; o < PANEL; o++) sums[u][o] = 0.0f;
-    long i = 0;
-    for (; i + 4 <= in; i += 4)
-        for (int u = 0; u < 4; u++) {
-            const float xi = x[i + u], *wi = w + (i + u) * PANEL;
-#pragma omp simd
-            for (int o = 0; o < PANEL; o++) sums[u][o] += xi * wi[o];
-        }
-    for (; i < in; i++)
-        for (int o = 0; o < PANEL; o++) sums[0][o] += x[i] * w[i * PANEL + o];
-    for (int o = 0; o < columns; o++)
-        y[o] = activate((bias ? bias[o] : 0.0f) + ((sums[0][o] + sums[1][o]) + (sums[2][o] + sums[3][o])), activation);
-}
-
-/* Panels [first, last) for every row: see encdec_linear. Rows ROWS at a time, the row count a
- * constant in each call so that the sums stay in registers. */
-CLONES static void multiply_panels(const float *x, long x_row, long rows, const float *panels, long in, long first,
-                                   long last, const float *bias, float *y, long out, int activation) {
-    for (long p = first; p < last; p++) {
-        const float *w = panels + p * in * PANEL, *b = bias ? bias + p * PANEL : NULL;
-        const int columns = out - p * PANEL < PANEL ? (int)(out - p * PANEL) : PANEL;
-        if (rows == 1) {
-            panel_row(x, w, in, b, y + p * PANEL, columns, activation);
-            continue;
-        }
-        for (long r0 = 0; r0 < rows; r0 += ROWS) {
-            const float *xr = x + r0 * x_row;
-            float *yr = y + r0 * out + p * PANEL;
-            switch (rows - r0 < ROWS ? rows - r0 : ROWS) {
-                case 6: panel_tile(xr, x_row, 6, w, in, b, yr, out, columns, activation); break;
-                case 5: panel_tile(xr, x_row, 5, w, in, b, yr, out, columns, activation); break;
-                case 4: panel_tile(xr, x_row, 4, w, in, b, yr, out, columns, activation); break;
-                case 3: panel_tile(xr, x_row, 3, w, in, b, yr, out, columns, activation); break;
-                case 2: panel_tile(xr, x_row, 2, w, in, b, yr, out, columns, activation); break;
-                default: panel_tile(xr, x_row, 1, w, in, b, yr, out, columns, activation); break;
-            }
-        }
-    }
-}
-
-/* y = x W^T + b (a Linear layer's product) for any number of rows, from W^T in column panels
- * (encdec/decode_kernels.py's column_panels).
- *
- * x: (rows, in), row stride x_row, last dimension contiguous. panels: (n_panels, in, PANEL),
- * contiguous: panel p holds outputs p * PANEL to p * PANEL + PANEL - 1 (the last padded with zero
- * columns past `out`). bias: n_panels * PANEL floats (zero-padded likewise), or NULL. y: (rows,
- * out), contiguous; `activation` (ACT_*) is applied to each sum before it is stored. `threads`
- * threads (PyTorch's count) take equal runs of panels: for one row together they stream the weights at the memory's multi-core rate, where oneDNN's and MKL's
- * one-row products run on one core. */
-__attribute__((visibility("default"))) void encdec_linear(const float *x, long x_row, long rows, const float *panels,
-                                                            long n_panels, long in, const float *bias, float *y,
-                                                            long out, long activation, long threads) {
-    if (threads > n_panels) threads = n_panels;
-#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
-    {
-        const long t = omp_get_thread_num(), n = omp_get_num_threads();
-        multiply_panels(x, x_row, rows, panels, in, n_panels * t / n, n_panels * (t + 1) / n, bias, y, out,
-                        (int)activation);
-    }
 }
 
 /* A whole decoder layer's step (encdec/layers.py's DecoderLayer.step) in one call: the products,
@@ -338,15 +414,19 @@ __attribute__((visibility("default"))) int encdec_decoder_layer_step(
     long cross_sentence, long cross_head, long src_len, long groups, const unsigned char *allowed,
     long allowed_sentence, long threads) {
     const long d = layer->d_model, heads = layer->heads, dim = layer->head_dim, ff = layer->ff;
-    const long keys = self_len + 1 > src_len ? self_len + 1 : src_len, sentences = rows / groups;
+    const long sentences = rows / groups;
     const int pre_norm = (int)layer->pre_norm;
     const float eps = (float)layer->eps, scale = 1.0f / sqrtf((float)dim);
+    if (threads < 1) threads = 1;
+    /* Each thread's attention scratch, enough for every row or sentence (a team may be smaller). */
+    const long self_share = attention_scratch(rows, 1, heads, dim, self_len + 1);
+    const long cross_share = attention_scratch(sentences, groups, heads, dim, src_len);
+    const long share = self_share > cross_share ? self_share : cross_share;
     /* qkv (rows, 3d); attended (rows, d); sub-layer output (rows, d); normed input (rows, d); hidden (rows, ff) */
-    float *scratch = malloc(sizeof(float) * (rows * (6 * d + ff) + rows * heads * keys + 1));
+    float *scratch = malloc(sizeof(float) * (rows * (6 * d + ff) + threads * share + 1));
     if (scratch == NULL) return -1;
     float *qkv = scratch, *attended = qkv + rows * 3 * d, *sub = attended + rows * d, *normed = sub + rows * d;
     float *hidden = normed + rows * d, *scores = hidden + rows * ff;
-    if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
         const long t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -373,19 +453,16 @@ __attribute__((visibility("default"))) int encdec_decoder_layer_step(
                 memcpy(self_v + self_len * self_pos + r * self_row + h * self_head, qkv + r * 3 * d + 2 * d + h * dim,
                        sizeof(float) * dim);
             }
-        if (row1 > row0)
-            attend_sentences(qkv, 3 * d, dim, self_k, self_v, self_pos, self_row, self_head, NULL, 0, attended, row0,
-                             row1, 1, heads, dim, self_len + 1, scale, scores + row0 * heads * (self_len + 1));
+        attend(qkv, 3 * d, dim, self_k, self_v, self_pos, self_row, self_head, NULL, 0, attended, row0, row1, 1, heads,
+               dim, self_len + 1, scale, scores + t * share);
 #pragma omp barrier
         /* Then each of the three sub-layers' output projection, residual and norm. */
         for (int part = 0; part < 3; part++) {
             if (part == 1) {  /* encoder-decoder attention: queries from the decoder, one sentence's beams together */
                 PRODUCT(in, CROSS_Q, d, qkv, ACT_NONE);
 #pragma omp barrier
-                if (s1 > s0)
-                    attend_sentences(qkv, d, dim, cross_k, cross_v, cross_pos, cross_sentence, cross_head, allowed,
-                                     allowed_sentence, attended, s0, s1, groups, heads, dim, src_len, scale,
-                                     scores + s0 * groups * heads * src_len);
+                attend(qkv, d, dim, cross_k, cross_v, cross_pos, cross_sentence, cross_head, allowed, allowed_sentence,
+                       attended, s0, s1, groups, heads, dim, src_len, scale, scores + t * share);
 #pragma omp barrier
             }
             if (part < 2) {

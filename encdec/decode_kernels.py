@@ -5,7 +5,13 @@ A decoding step attends from one new position per hypothesis to every cached key
 ``2 x layers`` times a step. As PyTorch ops that is two batched products of one-row matrices (MKL
 runs each (row, head) as its own matrix-vector product), a scale, a mask and a softmax: calls with
 temporaries of their own, small enough that their fixed costs dominate. :func:`attend_one` does
-the same in one pass per (sentence, head), over the cache's buffers in place.
+the same in one pass per (sentence, head), over the cache's buffers in place. Sentences with many
+query rows (a whole source attending to itself: the encoder's self-attention at inference, called
+straight on its projection's output) go in blocks instead: the keys transposed into panels of 16,
+then the two products tiled as :func:`linear`'s are (2 threads, AVX2 EPYC, us, one query at a time /
+blocks: 32 sentences x 35 queries x 4 heads 1,198 / 919, 1 x 30 x 4 88 / 70; with 5 beams a sentence
+229 / 286, so from 8 query rows a sentence only). Whole searches, paired, against PyTorch's ops for
+the encoder's attention: small model greedy batch 1 +8 % (7 of 8), batch 32 +0.5 % (5 of 8, noise).
 
 Each of a step's products multiplies one row per live hypothesis (1 to a few hundred) by a weight
 matrix. oneDNN's packed product pays a fixed 30-45 us a call on CPUs without AVX512 and runs one

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from encdec import decode_kernels
-from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product
+from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product, subsequent_mask
 from encdec.inference import prepare_for_cpu
 from encdec.layers import ACTIVATIONS
 from encdec.search import beam_search, greedy_search
@@ -43,6 +43,11 @@ def reference(q, k_buf, v_buf, length, allowed, groups):
     (1, 1, 8, 64, 1, 60, False),  # the first step: one key
     (3, 5, 8, 32, 40, 40, True),
     (7, 2, 3, 20, 13, 16, True),  # odd sizes: vector loops' remainders
+    # Many query rows a sentence (a source attending to itself): in blocks, tiled products
+    (2, 12, 4, 64, 12, 12, True),
+    (1, 30, 4, 32, 30, 30, False),
+    (3, 9, 2, 16, 40, 41, True),  # keys past one panel of 16, a partial last one
+    (2, 10, 3, 20, 10, 10, True),  # head_dim not a multiple of 16: one query at a time
 ])
 def test_equals_scaled_dot_product_in_float64(sentences, groups, heads, dim, length, capacity, masked):
     g = torch.Generator().manual_seed(sentences * 100 + length)
@@ -71,6 +76,42 @@ def test_masked_keys_get_no_weight_and_a_row_with_none_left_is_nan_as_in_torch()
     assert torch.isnan(got[1]).all()
     want = torch.softmax(torch.full((4,), float("-inf")), 0)
     assert torch.isnan(want).all()
+
+
+@needs_kernel
+def test_in_blocks_too_masked_keys_get_no_weight_and_a_sentence_with_none_left_is_nan():
+    k_buf, v_buf = torch.randn(6, 2, 2, 16), torch.randn(6, 2, 2, 16)
+    q = torch.randn(2 * 9, 2, 16)  # 9 query rows a sentence
+    allowed = torch.tensor([[True, True, False, False, False, False], [False] * 6])
+    got = decode_kernels.attend_one(q, k_buf, v_buf, 6, allowed)
+    k_buf[2:, 0], v_buf[2:, 0] = 1e4, -1e4
+    torch.testing.assert_close(decode_kernels.attend_one(q, k_buf, v_buf, 6, allowed)[:9], got[:9])
+    assert torch.isnan(got[9:]).all() and not torch.isnan(got[:9]).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_source_attending_to_itself_equals_the_pytorch_path(masked, monkeypatch):
+    """The encoder's self-attention at inference takes the kernel (one call, every sentence's
+    positions as its query rows); with gradients, weights recorded, or a causal mask it does not."""
+    attn = MultiHeadAttention(64, 4).eval()
+    x = torch.randn(3, 11, 64)
+    mask = padding_mask(torch.tensor([[1] * 11, [1] * 5 + [0] * 6, [1] * 2 + [0] * 9]), 0) if masked else None
+    calls, kernel = [], decode_kernels._attend_kernel
+    monkeypatch.setattr(decode_kernels, "_attend_kernel", lambda *args: calls.append(args) or kernel(*args))
+    with torch.inference_mode():
+        got = attn(x, mask=mask)
+        assert len(calls) == 1
+        attn.record_weights = True  # the PyTorch ops
+        want = attn(x, mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    attn.record_weights = False
+    with torch.enable_grad():
+        attn(x.requires_grad_(), mask=mask).sum().backward()  # training: autograd through PyTorch ops
+    assert len(calls) == 1
+    with torch.inference_mode():
+        attn(x.detach()[:, :4], mask=subsequent_mask(4))  # a decoder's causal mask: not this kernel's
+    assert len(calls) == 1
 
 
 @needs_kernel
