@@ -492,3 +492,34 @@ __attribute__((visibility("default"))) int encdec_decoder_layer_step(
     free(scratch);
     return 0;
 }
+
+/* One row of row_normalizers: the maxima of its `blocks` blocks of `block` values, and log(sum e^x). */
+CLONES static void row_normalizer(const float *x, long cols, long block, long blocks, float *lse, float *block_max) {
+    float top = -INFINITY, total = 0.0f;
+    for (long b = 0; b < blocks; b++) {
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (long j = 0; j < block; j++) m = x[b * block + j] > m ? x[b * block + j] : m;
+        block_max[b] = m;
+        top = m > top ? m : top;
+    }
+    for (long j = blocks * block; j < cols; j++) top = x[j] > top ? x[j] : top;
+    if (top == -INFINITY) {  /* nothing possible: log-softmax's NaN row, as PyTorch's */
+        *lse = NAN;
+        return;
+    }
+#pragma omp simd reduction(+ : total)
+    for (long j = 0; j < cols; j++) total += exp_float(x[j] - top);
+    *lse = top + logf(total);
+}
+
+/* For each row of x (rows, cols), contiguous: lse[r] = log(sum_j e^x[r, j]) (so that x[r, j] - lse[r]
+ * is the log-softmax), and block_max[r, b] = the largest of x[r, b * block .. b * block + block - 1]
+ * for the cols / block whole blocks (beam search ranks blocks of tokens by it: encdec/search.py's
+ * best_continuations). One read of the logits for both, where log_softmax writes them all. */
+__attribute__((visibility("default"))) void encdec_row_normalizers(const float *x, long rows, long cols, long block,
+                                                                     float *lse, float *block_max, long threads) {
+    const long blocks = cols / block;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (long r = 0; r < rows; r++) row_normalizer(x + r * cols, cols, block, blocks, lse + r, block_max + r * blocks);
+}

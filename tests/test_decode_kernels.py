@@ -305,3 +305,21 @@ def test_prepare_for_cpu_fuses_decoder_steps_only_where_every_product_has_panels
     assert all(layer.fused_step is None for layer in int8.decoder.layers)
     monkeypatch.setattr(decode_kernels, "available", lambda: False)  # no C library: no panels, no fused step
     assert all(layer.fused_step is None for layer in prepare_for_cpu(tiny_model()).decoder.layers)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, vocab, block", [(160, 8000, 32), (3, 100, 32), (5, 31, 32), (2, 70, 7), (0, 64, 32)])
+def test_row_normalizers_equal_logsumexp_and_block_maxima(rows, vocab, block):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=g) * 10
+    if rows > 2:
+        logits[1, : vocab // 2] = float("-inf")  # tokens ruled out
+        logits[2, -1] = 90.0  # the best past the last whole block, e^90 past float32's range
+    lse, block_max = decode_kernels.row_normalizers(logits, block)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1), atol=1e-5, rtol=1e-6)
+    whole = vocab // block * block
+    assert torch.equal(block_max, logits[:, :whole].view(rows, vocab // block, block).amax(2))
+    nothing = torch.full((1, vocab), float("-inf"))  # every token ruled out: NaN, as log_softmax's
+    assert decode_kernels.row_normalizers(nothing, block)[0].isnan().all() and nothing.log_softmax(1).isnan().all()
+    assert decode_kernels.row_normalizers(logits.double(), block) is None
+    assert decode_kernels.row_normalizers(torch.randn(vocab, 3).t(), block) is None  # not contiguous
