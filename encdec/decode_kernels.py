@@ -9,9 +9,10 @@ the same in one pass per (sentence, head), over the cache's buffers in place. Se
 query rows (a whole source attending to itself: the encoder's self-attention at inference, called
 straight on its projection's output) go in blocks instead: the keys transposed into panels of 16,
 then the two products tiled as :func:`linear`'s are (2 threads, AVX2 EPYC, us, one query at a time /
-blocks: 32 sentences x 35 queries x 4 heads 1,198 / 919, 1 x 30 x 4 88 / 70; with 5 beams a sentence
-229 / 286, so from 8 query rows a sentence only). Whole searches, paired, against PyTorch's ops for
-the encoder's attention: small model greedy batch 1 +8 % (7 of 8), batch 32 +0.5 % (5 of 8, noise).
+blocks: 32 sentences x 35 queries x 4 heads 1,008 / 567, x 8 heads 2,016 / 1,174, 1 x 30 x 4 51 / 33;
+with 5 beams a sentence 144 / 169, with 2 70 / 150, so from 8 query rows a sentence only). Whole
+searches, paired, against PyTorch's ops for the encoder's attention: small model greedy batch 1 +8 %
+(7 of 8), batch 32 +0.5 % (5 of 8, noise).
 
 Each of a step's products multiplies one row per live hypothesis (1 to a few hundred) by a weight
 matrix. oneDNN's packed product pays a fixed 30-45 us a call on CPUs without AVX512 and runs one
