@@ -50,13 +50,17 @@ class FeedForward(nn.Module):
         self.w_2 = Linear(ff, d_model)
         self.activation, self.activation_name = ACTIVATIONS[activation], activation
         self.dropout = Dropout(dropout)
+        # Set by encdec.inference.prepare_for_cpu, whose w_1 applies the activation to its sums itself.
+        self.activation_in_w_1 = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(self.activation(self.w_1(x))))
+        hidden = self.w_1(x)
+        return self.w_2(self.dropout(hidden if self.activation_in_w_1 else self.activation(hidden)))
 
     def step(self, x: Tensor) -> Tensor:
         """:meth:`forward` at inference (no dropout), for decoding steps: see :meth:`DecoderLayer.step`."""
-        return self.w_2.forward(self.activation(self.w_1.forward(x)))
+        hidden = self.w_1.forward(x)
+        return self.w_2.forward(hidden if self.activation_in_w_1 else self.activation(hidden))
 
 
 class SublayerConnection(nn.Module):

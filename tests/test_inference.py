@@ -9,6 +9,7 @@ from torch import nn
 from encdec import decode_kernels, inference
 from encdec.inference import (Int8Linear, PackedLinear, int8_onednn_available, onednn_available, onednn_packs,
                               prepare_for_cpu, quantize_activations)
+from encdec.layers import ACTIVATIONS, FeedForward
 from encdec.linear import Linear
 from encdec.search import beam_search, greedy_search
 
@@ -108,8 +109,35 @@ def test_prepare_for_cpu_gives_the_plain_weights_to_the_layers_that_multiply_who
         pytest.skip("this PyTorch build has no oneDNN")
     many = {name for name, m in fast.named_modules() if isinstance(m, PackedLinear) and m.plain is not None}
     everything = {name for name, m in fast.named_modules() if isinstance(m, PackedLinear)}
-    assert many == {n for n in everything if n.startswith("encoder.") or n.endswith("cross_attn.kv_proj")}
+    # The feed-forward W_1 that applies its activation in the panels takes them for every row count.
+    fused = decode_kernels.available() and not inference.packed_few_rows_are_fast()
+    assert many == {n for n in everything if (n.startswith("encoder.") and not (fused and n.endswith("w_1")))
+                    or n.endswith("cross_attn.kv_proj")}
     assert {n for n in everything if n.startswith("encoder.")} and everything - many
+    for name, ff in ((n, m) for n, m in fast.named_modules() if isinstance(m, FeedForward)):
+        assert ff.activation_in_w_1 and ff.w_1.activation == "relu", name
+        if fused:
+            assert ff.w_1.panel_rows == sys.maxsize - 1 and ff.w_1.plain is None, name
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("activation", ["relu", "swish", "gelu"])
+@pytest.mark.parametrize("rows", [1, 7, inference.MANY_ROWS + 3])
+@pytest.mark.parametrize("cpu", ["avx2", "avx512", "no C kernel"])
+def test_packed_linear_applies_its_activation_on_every_path(activation, rows, cpu, monkeypatch):
+    """In the panels' product (with or without AVX512), after oneDNN's packed product, after MKL's."""
+    if cpu != "no C kernel" and not decode_kernels.available():
+        pytest.skip("encdec/_decode_kernels.c is not built here")
+    monkeypatch.setattr(inference, "packed_few_rows_are_fast", lambda: cpu == "avx512")
+    monkeypatch.setattr(decode_kernels, "available", lambda: cpu != "no C kernel" and decode_kernels._linear_kernel)
+    linear = nn.Linear(24, 41)
+    x = torch.randn(rows, 24) * 3
+    with torch.no_grad():
+        want = ACTIVATIONS[activation](linear(x))
+        for many_rows in (False, True):
+            packed = PackedLinear(linear, many_rows=many_rows, activation=activation)
+            torch.testing.assert_close(packed(x), want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed(x[None])[0], want, atol=1e-4, rtol=1e-4)
 
 
 INT8_KINDS = ["fbgemm", pytest.param("onednn", marks=pytest.mark.skipif(
