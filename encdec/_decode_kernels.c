@@ -271,39 +271,82 @@ CLONES static void attend_sentences(const float *q, long q_row, long q_head, con
     }
 }
 
-/* Sentences [first, last), every head, as attend_sentences computes them, for sentences with several
- * query rows each (beams, or a whole source attending to itself): per (sentence, head), the keys
- * transposed into panels of 16 (zero-padded; `scratch`: ceil(len / 16) * 16 * dim + groups * len
- * floats), then two tiled products as encdec_linear makes them, scores = Q K^T and out = weights V
- * (V's rows read in place: dim a multiple of PANEL). The one-query loops above sum each dot product
- * across a vector's lanes, 4 keys at a time; here each product keeps 6 x 16 sums in registers. */
+/* One (sentence, head) with several query rows (beams, or a whole source attending to itself): the
+ * keys transposed into panels of 16 (zero-padded; `scratch`: block_scratch(...) floats), then two
+ * tiled products as encdec_linear makes them, scores = Q K^T and out = weights V (V's rows read in
+ * place: dim a multiple of PANEL). The one-query loops above sum each dot product across a vector's
+ * lanes, 4 keys at a time; here each product keeps 6 x 16 sums in registers. `queries` rows of q
+ * (q_row apart) against `len` keys and values (kv_pos apart); allowed: the sentence's `len` bytes or
+ * NULL; out's rows out_row apart. */
+static inline __attribute__((always_inline)) void attend_block(const float *q, long q_row, long queries,
+                                                               const float *k, const float *v, long kv_pos, long len,
+                                                               const unsigned char *allowed, float *out, long out_row,
+                                                               long dim, float scale, float *scratch) {
+    const long chunks = (len + PANEL - 1) / PANEL;
+    float *keys = scratch, *scores = scratch + chunks * PANEL * dim;
+    for (long j = 0; j < chunks * PANEL; j++) {  /* keys[c][d][o] = K[c * 16 + o][d] */
+        float *column = keys + (j / PANEL) * dim * PANEL + j % PANEL;
+        if (j < len)
+            for (long d = 0; d < dim; d++) column[d * PANEL] = k[j * kv_pos + d];
+        else
+            for (long d = 0; d < dim; d++) column[d * PANEL] = 0.0f;
+    }
+    multiply_tiles(q, q_row, queries, keys, dim * PANEL, PANEL, dim, 0, chunks, NULL, scores, len, len, ACT_NONE);
+    for (long g = 0; g < queries; g++) {
+        float *row = scores + g * len;
+        for (long j = 0; j < len; j++) row[j] = allowed != NULL && !allowed[j] ? -INFINITY : row[j] * scale;
+        softmax(row, len);
+    }
+    multiply_tiles(scores, len, queries, v, PANEL, kv_pos, len, 0, dim / PANEL, NULL, out, out_row, dim, ACT_NONE);
+}
+
+/* Floats of scratch attend_block needs for `queries` rows and `len` keys. */
+static inline long block_scratch(long queries, long dim, long len) {
+    return (len + PANEL - 1) / PANEL * PANEL * dim + queries * len;
+}
+
+/* Sentences [first, last), every head, as attend_sentences computes them: attend_block for each. */
 CLONES static void attend_blocks(const float *q, long q_row, long q_head, const float *k, const float *v,
                                  long kv_pos, long kv_sentence, long kv_head, const unsigned char *allowed,
                                  long allowed_sentence, float *out, long first, long last, long groups, long heads,
                                  long dim, long len, float scale, float *scratch) {
-    const long chunks = (len + PANEL - 1) / PANEL;
-    float *keys = scratch, *scores = scratch + chunks * PANEL * dim;
     for (long s = first; s < last; s++)
-        for (long h = 0; h < heads; h++) {
-            const float *ks = k + s * kv_sentence + h * kv_head, *vs = v + s * kv_sentence + h * kv_head;
-            for (long j = 0; j < chunks * PANEL; j++) {  /* keys[c][d][o] = K[c * 16 + o][d] */
-                float *column = keys + (j / PANEL) * dim * PANEL + j % PANEL;
-                if (j < len)
-                    for (long d = 0; d < dim; d++) column[d * PANEL] = ks[j * kv_pos + d];
-                else
-                    for (long d = 0; d < dim; d++) column[d * PANEL] = 0.0f;
-            }
-            multiply_tiles(q + s * groups * q_row + h * q_head, q_row, groups, keys, dim * PANEL, PANEL, dim, 0,
-                           chunks, NULL, scores, len, len, ACT_NONE);
-            for (long g = 0; g < groups; g++) {
-                float *row = scores + g * len;
-                for (long j = 0; j < len; j++)
-                    row[j] = allowed != NULL && !allowed[s * allowed_sentence + j] ? -INFINITY : row[j] * scale;
-                softmax(row, len);
-            }
-            multiply_tiles(scores, len, groups, vs, PANEL, kv_pos, len, 0, dim / PANEL, NULL,
-                           out + (s * groups * heads + h) * dim, heads * dim, dim, ACT_NONE);
-        }
+        for (long h = 0; h < heads; h++)
+            attend_block(q + s * groups * q_row + h * q_head, q_row, groups, k + s * kv_sentence + h * kv_head,
+                         v + s * kv_sentence + h * kv_head, kv_pos, len,
+                         allowed != NULL ? allowed + s * allowed_sentence : NULL,
+                         out + (s * groups * heads + h) * dim, heads * dim, dim, scale, scratch);
+}
+
+/* Head h of the packed sentence at rows offset .. offset + length - 1: see encdec_attend_packed. */
+CLONES static void attend_packed_pair(const float *qkv, long offset, long length, long h, long d, long dim,
+                                      float scale, float *out, float *scratch) {
+    const float *q = qkv + offset * 3 * d + h * dim;
+    if (length > 0)
+        attend_block(q, 3 * d, length, q + d, q + 2 * d, 3 * d, length, NULL, out + offset * d + h * dim, d, dim,
+                     scale, scratch);
+}
+
+/* Sources packed without padding attending to themselves (the encoder's self-attention): sentence s
+ * is rows offsets[s] .. offsets[s] + lengths[s] - 1 of qkv (rows, 3 * heads * dim), each row its
+ * query, key and value; its queries attend to its own keys. out: (rows, heads * dim), contiguous.
+ * dim a multiple of PANEL. The threads share the (sentence, head) pairs. Returns 0, or -1 if it
+ * could not allocate its scratch space (out is then not written). */
+__attribute__((visibility("default"))) int encdec_attend_packed(const float *qkv, const long *offsets,
+                                                                  const long *lengths, long sentences, long heads,
+                                                                  long dim, float scale, float *out, long threads) {
+    long longest = 0;
+    for (long s = 0; s < sentences; s++) longest = lengths[s] > longest ? lengths[s] : longest;
+    if (threads < 1) threads = 1;
+    const long share = block_scratch(longest, dim, longest), d = heads * dim;
+    float *scratch = malloc(sizeof(float) * (threads * share + 1));
+    if (scratch == NULL) return -1;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (long pair = 0; pair < sentences * heads; pair++)
+        attend_packed_pair(qkv, offsets[pair / heads], lengths[pair / heads], pair % heads, d, dim, scale, out,
+                           scratch + omp_get_thread_num() * share);
+    free(scratch);
+    return 0;
 }
 
 /* Sentences with at least this many query rows each attend in blocks (attend_blocks): a source's
@@ -315,8 +358,7 @@ static inline int in_blocks(long groups, long dim) { return groups >= BLOCK_GROU
 
 /* Floats of scratch space a thread needs to attend for up to `sentences` sentences. */
 static inline long attention_scratch(long sentences, long groups, long heads, long dim, long len) {
-    return in_blocks(groups, dim) ? (len + PANEL - 1) / PANEL * PANEL * dim + groups * len
-                                  : sentences * groups * heads * len;
+    return in_blocks(groups, dim) ? block_scratch(groups, dim, len) : sentences * groups * heads * len;
 }
 
 /* Sentences [first, last) of encdec_attend_one; `scratch`: attention_scratch(last - first, ...) floats. */

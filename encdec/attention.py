@@ -6,6 +6,7 @@ Mask convention everywhere: a boolean tensor broadcastable to
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,26 @@ def subsequent_mask(size: int, past: int = 0, device: torch.device | None = None
     """
     ones = torch.ones(size, past + size, dtype=torch.bool, device=device)
     return ones.tril(past)[None, None]
+
+
+class PackedLayout(NamedTuple):
+    """Where each sentence's real positions lie once padding is dropped (:func:`packed_layout`)."""
+    index: Tensor  # (rows,): each real position's index in the flattened (batch * len) layout
+    offsets: Tensor  # (batch,): the first row of each sentence
+    lengths: Tensor  # (batch,): its real positions
+
+
+def packed_layout(mask: Tensor) -> PackedLayout | None:
+    """The layout of a padding mask ``(batch, 1, 1, len)``'s real positions packed row after row, for
+    sentences whose padding all comes after their tokens; ``None`` where there is no padding (nothing
+    to drop) or it sits elsewhere."""
+    allowed = mask[:, 0, 0]
+    if bool(allowed.all()):
+        return None
+    lengths = allowed.sum(1)
+    if not torch.equal(allowed, torch.arange(allowed.size(1), device=mask.device) < lengths[:, None]):
+        return None
+    return PackedLayout(allowed.reshape(-1).nonzero().squeeze(1), lengths.cumsum(0) - lengths, lengths)
 
 
 class KVCache:
@@ -421,6 +442,13 @@ class MultiHeadAttention(nn.Module):
         out = unfold_groups(out, groups)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def packed_self_attention(self, x: Tensor, layout: PackedLayout) -> Tensor | None:
+        """Self-attention of sentences packed without padding (inference): ``x`` ``(rows, d_model)``,
+        the rows :func:`packed_layout` lays out -> ``(rows, d_model)``; ``None`` where the C kernel
+        does not apply (:func:`encdec.decode_kernels.attend_packed`)."""
+        out = decode_kernels.attend_packed(self.in_proj(x), layout.offsets, layout.lengths, self.heads)
+        return None if out is None else self.out_proj(out)
 
     def self_attention_step(self, x: Tensor, cache: KVCache) -> Tensor:
         """Self-attention for one new position per row (incremental decoding, inference): ``x``

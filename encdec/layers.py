@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, PackedLayout
 from .linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
@@ -103,6 +103,12 @@ class EncoderLayer(nn.Module):
     def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
         """``x``: ``(batch, src_len, d_model)``; ``src_mask``: ``(batch, 1, 1, src_len)``."""
         x = self.sublayers[0](x, lambda y: self.self_attn(y, mask=src_mask))
+        return self.sublayers[1](x, self.feed_forward)
+
+    def forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        """:meth:`forward` at inference on the real positions only, ``(rows, d_model)`` packed as
+        ``layout`` says (:class:`encdec.model.Encoder` checks that the kernel applies first)."""
+        x = self.sublayers[0](x, lambda y: self.self_attn.packed_self_attention(y, layout))
         return self.sublayers[1](x, self.feed_forward)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from encdec import decode_kernels
-from encdec.attention import KVCache, MultiHeadAttention, padding_mask, scaled_dot_product, subsequent_mask
+from encdec import model as model_module
+from encdec.attention import (KVCache, MultiHeadAttention, packed_layout, padding_mask, scaled_dot_product,
+                               subsequent_mask)
 from encdec.inference import prepare_for_cpu
 from encdec.layers import ACTIVATIONS
 from encdec.search import beam_search, greedy_search
@@ -323,3 +325,63 @@ def test_row_normalizers_equal_logsumexp_and_block_maxima(rows, vocab, block):
     assert decode_kernels.row_normalizers(nothing, block)[0].isnan().all() and nothing.log_softmax(1).isnan().all()
     assert decode_kernels.row_normalizers(logits.double(), block) is None
     assert decode_kernels.row_normalizers(torch.randn(vocab, 3).t(), block) is None  # not contiguous
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths, heads, dim", [([5, 0, 17, 1, 40], 2, 16), ([30, 25, 33], 4, 64), ([3], 1, 32)])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_packed_attention_equals_each_sentence_alone(lengths, heads, dim, threads, monkeypatch):
+    """Sentences of any length (none, one, under and over a panel of 16 keys) packed row after row,
+    each attending to its own positions only."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(sum(lengths))
+    rows, d = sum(lengths), heads * dim
+    qkv = torch.randn(rows, 3 * d, generator=g) * 2
+    lengths = torch.tensor(lengths)
+    offsets = lengths.cumsum(0) - lengths
+    got = decode_kernels.attend_packed(qkv, offsets, lengths, heads)
+    assert got.shape == (rows, d)
+    for start, length in zip(offsets.tolist(), lengths.tolist()):
+        if length:
+            q, k, v = qkv[start: start + length].double().view(length, 3, heads, dim).permute(1, 2, 0, 3)
+            want = scaled_dot_product(q, k, v, None)[0].transpose(0, 1).reshape(length, d).float()
+            torch.testing.assert_close(got[start: start + length], want, atol=1e-5, rtol=1e-5)
+    assert decode_kernels.attend_packed(torch.randn(rows, 3 * 24), offsets, lengths, 1) is None  # head size 24
+    assert decode_kernels.attend_packed(qkv.double(), offsets, lengths, heads) is None
+    assert decode_kernels.attend_packed(qkv, offsets.int(), lengths, heads) is None
+
+
+def test_packed_layout_lays_out_right_padded_sentences_only():
+    mask = padding_mask(torch.tensor([[5, 6, 7, 0], [5, 0, 0, 0], [5, 6, 7, 8]]), 0)
+    layout = packed_layout(mask)
+    assert layout.lengths.tolist() == [3, 1, 4] and layout.offsets.tolist() == [0, 3, 4]
+    assert layout.index.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    assert packed_layout(padding_mask(torch.tensor([[5, 6], [7, 8]]), 0)) is None  # no padding: nothing to drop
+    assert packed_layout(padding_mask(torch.tensor([[0, 5, 6], [7, 8, 9]]), 0)) is None  # padded in front
+
+
+@needs_kernel
+def test_the_encoder_skips_the_padding_at_inference_with_the_same_results(monkeypatch):
+    """Real positions as with padding, pads 0; the same tokens decoded; training, recorded weights
+    and left padding keep the padded path."""
+    model = randomize_norms(tiny_model(heads=2))  # head_dim 16: the packed kernel's
+    src = torch.tensor([[5, 6, 7, 8, 2, 0, 0], [9, 3, 4, 10, 11, 12, 2], [4, 4, 2, 0, 0, 0, 0]])
+    mask = padding_mask(src, 0)
+    calls, kernel = [], decode_kernels._packed_kernel
+    monkeypatch.setattr(decode_kernels, "_packed_kernel", lambda *args: calls.append(args) or kernel(*args))
+    with torch.inference_mode():
+        packed = model.encode(src, mask)
+        assert len(calls) == model.cfg.encoder_layers
+        found = (greedy_search(model, src), [h[0].tokens for h in beam_search(model, src, 3)])
+        monkeypatch.setattr(model_module, "packed_layout", lambda mask: None)
+        padded = model.encode(src, mask)
+        assert found == (greedy_search(model, src), [h[0].tokens for h in beam_search(model, src, 3)])
+    real = mask[:, 0, 0]
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert (packed[~real] == 0).all()
+    calls.clear()
+    model.encode(src, mask).sum()  # gradients wanted (parameters require them): padded
+    model.record_attention()
+    with torch.inference_mode():
+        model.encode(src, mask)
+    assert not calls
