@@ -443,12 +443,15 @@ class MultiHeadAttention(nn.Module):
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
-    def packed_self_attention(self, x: Tensor, layout: PackedLayout) -> Tensor | None:
-        """Self-attention of sentences packed without padding (inference): ``x`` ``(rows, d_model)``,
-        the rows :func:`packed_layout` lays out -> ``(rows, d_model)``; ``None`` where the C kernel
-        does not apply (:func:`encdec.decode_kernels.attend_packed`)."""
+    def packed_self_attention(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        """Self-attention of sentences packed without padding (inference, no gradients): ``x``
+        ``(rows, d_model)``, the rows :func:`packed_layout` lays out -> ``(rows, d_model)``, through
+        :func:`encdec.decode_kernels.attend_packed` (the caller checks that it applies)."""
         out = decode_kernels.attend_packed(self.in_proj(x), layout.offsets, layout.lengths, self.heads)
-        return None if out is None else self.out_proj(out)
+        if out is None:
+            raise RuntimeError("packed self-attention needs encdec's C kernels, float32 on the CPU without "
+                               "gradients, and a head size that is a multiple of 16")
+        return self.out_proj(out)
 
     def self_attention_step(self, x: Tensor, cache: KVCache) -> Tensor:
         """Self-attention for one new position per row (incremental decoding, inference): ``x``

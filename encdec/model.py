@@ -43,7 +43,7 @@ class Encoder(nn.Module):
     def _packs(self, x: Tensor) -> bool:
         """Whether to drop the padding: at inference on a CPU, where the packed attention kernel applies."""
         attn = self.layers[0].self_attn if len(self.layers) else None
-        return (attn is not None and not self.training and not x.requires_grad and x.dtype == torch.float32
+        return (attn is not None and not self.training and not torch.is_grad_enabled() and x.dtype == torch.float32
                 and x.device.type == "cpu" and decode_kernels.available() and attn.head_dim % decode_kernels.PANEL == 0
                 and not any(layer.self_attn.record_weights for layer in self.layers))
 
