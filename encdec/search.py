@@ -251,6 +251,8 @@ def greedy_search(model: Models, src: Tensor, max_len_ratio: float = 2.0,
     ``model``: one :class:`Transformer` or a list of them (an ensemble, :func:`ensemble_members`).
     """
     models = ensemble_members(model)
+    if src.size(0) == 0:
+        return []
     cfg = models[0].cfg
     limit = max_steps(src, models, max_len_ratio, max_len_extra)
     steps = int(limit.max())
@@ -292,6 +294,8 @@ def beam_search(model: Models, src: Tensor, beam_size: int = 5, alpha: float = 1
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
     models = ensemble_members(model)
+    if src.size(0) == 0:
+        return []
     cfg, k = models[0].cfg, beam_size
     limit = max_steps(src, models, max_len_ratio, max_len_extra)
     limits = limit.tolist()  # read per sentence and step: once, not as tensor elements

@@ -310,3 +310,9 @@ def test_ensemble_members_must_share_the_vocabularies(model):
         greedy_search([model, other], src)
     with pytest.raises(ValueError, match="at least one model"):
         beam_search([], src)
+
+
+def test_an_empty_batch_decodes_to_nothing():
+    model = tiny_model()
+    src = torch.zeros(0, 5, dtype=torch.long)
+    assert greedy_search(model, src) == [] and beam_search(model, src, 3) == []
