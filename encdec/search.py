@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -258,21 +259,25 @@ def greedy_search(model: Models, src: Tensor, max_len_ratio: float = 2.0,
     steps = int(limit.max())
     step = _Step(models, src, steps=steps)
     device = src.device
-    alive = torch.arange(src.size(0), device=device)  # which sentence each live row is
+    # The bookkeeping is NumPy's on the host: a few small ops a step, each ~1 us there against 4-15
+    # as tensor ops (paired whole searches, small model: batch 1 +6.3 %, 7 of 10; batch 32 +2.5 %).
+    limit = limit.cpu().numpy()
+    alive = np.arange(src.size(0))  # which sentence each live row is
     last = torch.full((src.size(0),), cfg.decoder_start_id, dtype=torch.long, device=device)
-    out = torch.full((src.size(0), steps), -1, dtype=torch.long, device=device)  # -1: nothing (ended)
+    out = np.full((src.size(0), steps), -1, dtype=np.int64)  # -1: nothing (ended)
     for t in range(1, steps + 1):
         last = most_probable(step.logits(last))  # the argmax of the logits is that of the probabilities
+        ids = last.cpu().numpy()
         # The length limit counts the end token, as in beam search.
-        done = (last == cfg.eos_id) | (limit[alive] <= t)
-        out[alive, t - 1] = last.masked_fill(done, -1)
-        n_done = int(done.sum())
-        if n_done == alive.numel():
+        done = (ids == cfg.eos_id) | (limit[alive] <= t)
+        out[alive, t - 1] = np.where(done, -1, ids)
+        if done.all():
             break
-        if n_done:
-            rows = (~done).nonzero().squeeze(1)
+        if done.any():
+            kept = np.flatnonzero(~done)
+            rows = torch.from_numpy(kept).to(device)
             step.keep(rows, sentences=rows)
-            alive, last = alive[rows], last[rows]
+            alive, last = alive[kept], last[rows]
     return [row[: row.index(-1)] if -1 in row else row for row in out.tolist()]
 
 
