@@ -15,7 +15,7 @@ setup(ext_modules=[
     # -fno-trapping-math: without it GCC keeps the selects in exp_float (softmax, swish) as branches
     # on AVX2 (computing both sides could raise a floating-point exception nobody reads), and those
     # loops stay scalar; AVX512's masks vectorize them either way. Results do not change.
-    Extension("encdec._decode_kernels", ["encdec/_decode_kernels.c"],
-              extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math"],
+    Extension("encdec._decode_kernels", ["encdec/_decode_kernels.c", "encdec/_decoder_layer.c"],
+              depends=["encdec/_decode_kernels.h"], extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math"],
               extra_link_args=["-fopenmp"], optional=True),
 ])

@@ -47,10 +47,10 @@ The library is compiled with ``-fno-trapping-math`` (setup.py): with GCC's defau
 the exponential (softmax, swish) stayed branches on AVX2 and those loops scalar; paired whole
 searches, small model: greedy batch 32 +5.6 % (8 of 8), beam 5 batch 32 +5.7 % (5 of 5), batch 1 even.
 
-All are in ``encdec/_decode_kernels.c``, share the work among PyTorch's threads (OpenMP), and are
-built at install like :mod:`encdec.mkl`'s shim (optional: without a C compiler there is no library,
-the functions return ``None`` and callers keep the PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns
-them off. Float32 on the CPU without gradients only. Results equal PyTorch's up to float rounding
+All are in one library (``encdec/_decode_kernels.c``, ``encdec/_decoder_layer.c`` and the header they
+share), share the work among PyTorch's threads (OpenMP), and are built at install like
+:mod:`encdec.mkl`'s shim (optional: without a C compiler there is no library, the functions return
+``None`` and callers keep the PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns them off. Float32 on the CPU without gradients only. Results equal PyTorch's up to float rounding
 (they sum in another order). Measured on whole searches (paired, AVX2 EPYC): the attention +13 %
 tokens/s for the small model's batch-32 greedy (10 of 10) and +7 % for beam 5 (7 of 8); the products
 (against oneDNN's packed product and the few-row kernel before them), small / base model: greedy
@@ -70,13 +70,13 @@ ENV_SWITCH = "ENCDEC_DECODE_KERNELS"
 
 _FLOAT32 = torch.float32
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
-# The C functions' parameters, in order (see encdec/_decode_kernels.c).
+# The C functions' parameters, in order (see encdec/_decode_kernels.c and encdec/_decoder_layer.c).
 _ATTEND_ARGS = (_ptr, _long, _long, _ptr, _ptr, _long, _long, _long, _ptr, _long, _ptr, _long, _long, _long, _long,
                 _long, ctypes.c_float, _long)
 _LINEAR_ARGS = (_ptr, _long, _long, _ptr, _long, _long, _ptr, _ptr, _long, _long, _long)
 _LAYER_ARGS = (_ptr, _ptr, _ptr, _long, _ptr, _ptr, _long, _long, _long, _long, _ptr, _ptr, _long, _long, _long, _long,
                _long, _ptr, _long, _long)
-PANEL = 16  # output columns a panel (encdec/_decode_kernels.c's PANEL)
+PANEL = 16  # output columns a panel (encdec/_decode_kernels.h's PANEL)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -209,7 +209,7 @@ def linear(x: Tensor, panels: Tensor, panel_bias: Tensor | None, out_features: i
 
 
 class _LayerWeights(ctypes.Structure):
-    """encdec/_decode_kernels.c's DecoderLayer."""
+    """encdec/_decoder_layer.c's DecoderLayer."""
     _fields_ = [("d_model", _long), ("heads", _long), ("head_dim", _long), ("ff", _long), ("pre_norm", _long),
                 ("activation", _long), ("eps", ctypes.c_double), ("panels", _ptr * 6), ("bias", _ptr * 6),
                 ("norm_weight", _ptr * 3), ("norm_bias", _ptr * 3)]
