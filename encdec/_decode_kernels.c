@@ -31,8 +31,9 @@ CLONES INTERNAL void multiply_panels(const float *x, long x_row, long rows, cons
  * contiguous: panel p holds outputs p * PANEL to p * PANEL + PANEL - 1 (the last padded with zero
  * columns past `out`). bias: n_panels * PANEL floats (zero-padded likewise), or NULL. y: (rows,
  * out), contiguous; `activation` (ACT_*) is applied to each sum before it is stored. `threads`
- * threads (PyTorch's count) take equal runs of panels: for one row together they stream the weights at the memory's multi-core rate, where oneDNN's and MKL's
- * one-row products run on one core. */
+ * threads (PyTorch's count) take equal runs of panels: for one row together they stream the
+ * weights at the memory's multi-core rate, where oneDNN's and MKL's one-row products run on one
+ * core. */
 __attribute__((visibility("default"))) void encdec_linear(const float *x, long x_row, long rows, const float *panels,
                                                             long n_panels, long in, const float *bias, float *y,
                                                             long out, long activation, long threads) {

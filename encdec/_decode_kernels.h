@@ -67,6 +67,13 @@ static inline float activate(float x, int activation) {
  * 32 rows). The weights of a panel are read once per ROWS rows, from L1 after the first time. */
 #define PANEL 16
 #define ROWS 6
+/* activate() over a tile's sums; inlined with `kind` a constant, so the loop vectorizes. */
+static inline __attribute__((always_inline)) void activate_tile(float sums[ROWS][PANEL], const int rows,
+                                                                 const int kind) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], kind);
+}
+
 static inline __attribute__((always_inline)) void panel_tile(const float *x, long x_row, const int rows,
                                                               const float *w, long w_row, long in, const float *bias,
                                                               float *y, long y_row, int columns, int activation) {
@@ -82,9 +89,9 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, lon
         }
     }
     switch (activation) {  /* a constant in each loop, so that each vectorizes */
-        case ACT_RELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_RELU); break;
-        case ACT_SWISH: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_SWISH); break;
-        case ACT_GELU: for (int r = 0; r < rows; r++) for (int o = 0; o < PANEL; o++) sums[r][o] = activate(sums[r][o], ACT_GELU); break;
+        case ACT_RELU: activate_tile(sums, rows, ACT_RELU); break;
+        case ACT_SWISH: activate_tile(sums, rows, ACT_SWISH); break;
+        case ACT_GELU: activate_tile(sums, rows, ACT_GELU); break;
         default: break;
     }
     if (columns == PANEL) {  /* a constant bound: stores straight from the registers */

@@ -50,8 +50,9 @@ searches, small model: greedy batch 32 +5.6 % (8 of 8), beam 5 batch 32 +5.7 % (
 All are in one library (``encdec/_decode_kernels.c``, ``encdec/_decoder_layer.c`` and the header they
 share), share the work among PyTorch's threads (OpenMP), and are built at install like
 :mod:`encdec.mkl`'s shim (optional: without a C compiler there is no library, the functions return
-``None`` and callers keep the PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns them off. Float32 on the CPU without gradients only. Results equal PyTorch's up to float rounding
-(they sum in another order). Measured on whole searches (paired, AVX2 EPYC): the attention +13 %
+``None`` and callers keep the PyTorch ops); ``ENCDEC_DECODE_KERNELS=0`` turns them off. Float32 on
+the CPU without gradients only. Results equal PyTorch's up to float rounding (they sum in another
+order). Measured on whole searches (paired, AVX2 EPYC): the attention +13 %
 tokens/s for the small model's batch-32 greedy (10 of 10) and +7 % for beam 5 (7 of 8); the products
 (against oneDNN's packed product and the few-row kernel before them), small / base model: greedy
 batch 32 +22 / +13 %, beam 5 batch 32 +4 / +6 %, greedy batch 1 +32 / +28 %, beam 5 batch 1 +36 /

@@ -187,7 +187,8 @@ def best_continuations(logits: Tensor, scores: Tensor, m: int, at_limit: Tensor,
     if whole < vocab:  # each beam's last tokens, in no block: always ranked
         tail = torch.arange(beams, device=device)[:, None] * vocab + torch.arange(whole, vocab, device=device)
         index = torch.cat([index, tail.view(1, -1).expand(n, -1)], 1)
-    candidates = log_probs.view(n, beams * vocab).gather(1, index).add_(row_scores.view(n, beams).gather(1, index // vocab))
+    beam_scores = row_scores.view(n, beams).gather(1, index // vocab)
+    candidates = log_probs.view(n, beams * vocab).gather(1, index).add_(beam_scores)
     top_scores, best = candidates.topk(m, dim=1)
     index = index.gather(1, best)
     return top_scores, index // vocab, index % vocab
